@@ -1,0 +1,148 @@
+"""Time the streamed covariance and the clustering against a matmul floor.
+
+    python -m jobs.bench_cluster [--classes 1000 5000 15000] [--n 50000] [--device cpu|cuda]
+
+For each C: synthetic probabilities with planted groups of about sqrt(C)
+classes (``make_confusable_probabilities``), then, on the same (N, C) float32
+data and device:
+
+    floor      one torch.matmul(P.T, P): the least any covariance can cost
+    covariance CovarianceAccumulator fed in --batch-size rows (validated)
+    clustering ConfusionClusterer(n_clusters=#planted groups).fit(cov)
+
+and prints seconds per stage, (covariance + clustering) / floor, the extra
+peak memory of each stage (CPU: resident set sampled every 5 ms above the
+stage's start; CUDA: torch.cuda.max_memory_allocated), and the adjusted Rand
+index of the recovered groups as a sanity check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from specialists.cluster import ConfusionClusterer, CovarianceAccumulator, make_confusable_probabilities
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled in a thread (Linux)."""
+
+    def __init__(self, interval=0.005):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.start = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        self.extra = self.peak - self.start
+
+
+def stage(device, fn):
+    """(seconds, result, extra peak bytes) of fn() on device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t, out, torch.cuda.max_memory_allocated(device) - base
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t
+    return seconds, out, mem.extra
+
+
+def planted_sizes(n_classes, seed):
+    """About sqrt(C) groups of 0.5x to 1.5x sqrt(C) classes, summing to C."""
+    rng = np.random.default_rng(seed)
+    n_groups = max(1, round(math.sqrt(n_classes)))
+    raw = rng.uniform(0.5, 1.5, n_groups)
+    sizes = np.maximum(2, np.floor(raw / raw.sum() * n_classes)).astype(int)
+    sizes[np.argmax(sizes)] += n_classes - sizes.sum()
+    return sizes.tolist()
+
+
+def run(n_classes, n_rows, device, batch_size, seed):
+    gib = 2.0**30
+    t = time.perf_counter()
+    sizes = planted_sizes(n_classes, seed)
+    probs, _, groups = make_confusable_probabilities(n_rows, sizes, seed=seed)
+    gen_s = time.perf_counter() - t
+    p = torch.from_numpy(probs).to(device)  # (N, C) float32
+    del probs
+    torch.matmul(p[:256].T, p[:256])  # warm up BLAS / cuBLAS
+
+    floor_s, prod, floor_mem = stage(device, lambda: torch.matmul(p.T, p))  # (C, C)
+    del prod
+
+    def covariance():
+        acc = CovarianceAccumulator(n_classes, device)
+        for lo in range(0, n_rows, batch_size):
+            acc.update(p[lo : lo + batch_size])
+        return acc.covariance()
+
+    cov_s, cov, cov_mem = stage(device, covariance)
+    use_gpu = "auto" if device.type == "cuda" else False
+    clusterer = ConfusionClusterer(len(sizes), seed=seed, use_gpu=use_gpu)
+    clu_s, _, clu_mem = stage(device, lambda: clusterer.fit(cov))
+
+    truth = np.empty(n_classes, dtype=np.int64)
+    for g, members in enumerate(groups):
+        truth[members] = g
+    ari = adjusted_rand_score(truth, clusterer.assignment_)
+    ratio = (cov_s + clu_s) / floor_s
+    print(
+        f"C={n_classes:>6} N={n_rows:>6} k={len(sizes):>4} | gen {gen_s:6.1f}s | floor {floor_s:7.2f}s "
+        f"(+{floor_mem / gib:5.2f} GiB) | covariance {cov_s:7.2f}s (+{cov_mem / gib:5.2f} GiB) | "
+        f"clustering {clu_s:6.2f}s (+{clu_mem / gib:5.2f} GiB) | (cov+clu)/floor {ratio:4.2f} | "
+        f"ARI {ari:.3f}, {len(clusterer.groups_)} groups, {len(clusterer.uncovered_)} uncovered",
+        flush=True,
+    )
+    del p, cov
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, nargs="+", default=[1000, 5000, 15000])
+    parser.add_argument("--n", type=int, nargs="+", default=[50000],
+                        help="rows; one value for all C, or one per C")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if len(args.n) not in (1, len(args.classes)):
+        parser.error(f"--n takes 1 or {len(args.classes)} values, got {len(args.n)}")
+    rows = args.n * len(args.classes) if len(args.n) == 1 else args.n
+    device = torch.device(args.device)
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch_size}")
+    for n_classes, n_rows in zip(args.classes, rows):
+        run(n_classes, n_rows, device, args.batch_size, args.seed)
+
+
+if __name__ == "__main__":
+    main()

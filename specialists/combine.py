@@ -1,0 +1,847 @@
+"""Combine a generalist with specialists: solvers of the objective of section 5.4.
+
+Hinton, Vinyals & Dean (2015), section 5.4: for a test example, take the
+generalist's top-n classes; the specialists whose class set meets them are
+*active*. The combined distribution q over all C classes minimises
+
+    J(q) = sum_g w_g KL(p_g || q) + sum_{m active} w_m KL(p_m || A_m q)
+
+where A_m q folds q onto specialist m's classes plus one "dustbin" entry that
+holds the mass of every other class. One objective, three solvers:
+
+- `solve` (dense inputs) / `solve_rows` (only the active rows of each
+  specialist): exact, no learning rate, CPU or CUDA; what inference uses.
+- `iterate_mm`: the majorise-minimise (EM) fixed point; monotone, linear rate.
+- `solve_reference`: gradient descent on the logits of q, as the paper does;
+  slow, kept to test the others against.
+
+Shapes: N examples, C classes, G generalists, M specialists. Specialist m
+covers the k_m classes `specialist_classes[m]` and outputs k_m + 1
+probabilities: its classes in that order, then the dustbin.
+
+`mean="geometric"` replaces KL(p || q) by KL(q || p) everywhere; for models
+that cover all classes its minimiser is the normalised weighted geometric mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "active_specialists",
+    "arithmetic_mean",
+    "geometric_mean",
+    "iterate_mm",
+    "objective",
+    "solve",
+    "solve_reference",
+    "solve_rows",
+]
+
+ROW_SUM_TOL = 1e-4  # how far a probability row may sum from 1
+MEANS = ("arithmetic", "geometric")
+_TINY = 1e-300  # q is clamped here inside log q
+# A row where a group of classes has no probability under any model can still
+# have to absorb a dustbin's mass (the optimum is then not unique); each such
+# zero class gets this much mass, relative to the row's total weight W.
+_FLOOR = 1e-10
+_CHUNK_ELEMENTS = 1 << 24  # bounds the (rows, K, k, K) membership tensors
+
+
+# ----------------------------------------------------------------------------
+# public API
+
+
+def active_specialists(
+    general_probs: Tensor,
+    specialist_classes: Sequence[Tensor],
+    top_n: int = 1,
+    general_weights: Tensor | None = None,
+) -> Tensor:
+    """Which specialists are active: their classes meet the generalist's top_n classes.
+
+    general_probs: (N, C) or (G, N, C); with several generalists their weighted
+    mean ranks the classes. Returns (N, M) bool.
+    """
+    general = _as_general(general_probs)
+    n_models, _, n_classes = general.shape
+    weights = _check_weights("general_weights", general_weights, n_models, general.device)
+    _check_general(general, weights)
+    if not 1 <= top_n <= n_classes:
+        raise ValueError(f"top_n={top_n} must be in [1, n_classes={n_classes}]")
+    layout = _Layout.build(specialist_classes, n_classes, general.device)
+    mix = torch.einsum("g,gnc->nc", weights.to(general.dtype), general)
+    top = mix.topk(top_n, dim=1).indices  # (N, top_n)
+    member = layout.pos >= 0  # (M, C)
+    return member[:, top].any(-1).T.contiguous()  # (M, N, top_n) -> (N, M)
+
+
+def arithmetic_mean(probs: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Weighted arithmetic mean of (G, N, C) probabilities -> (N, C).
+
+    The minimiser of sum_i w_i KL(p_i || q) over distributions q.
+    """
+    probs = _as_general(probs, "probs")
+    weights = _check_weights("weights", weights, probs.shape[0], probs.device)
+    _check_general(probs, weights, "probs", "weights")
+    mix = torch.einsum("g,gnc->nc", weights.to(probs.dtype), probs)
+    return mix / mix.sum(1, keepdim=True)
+
+
+def geometric_mean(probs: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Normalised weighted geometric mean of (G, N, C) probabilities -> (N, C).
+
+    The minimiser of sum_i w_i KL(q || p_i) over distributions q.
+    """
+    probs = _as_general(probs, "probs")
+    weights = _check_weights("weights", weights, probs.shape[0], probs.device)
+    _check_general(probs, weights, "probs", "weights")
+    keep = weights > 0  # a zero weight must not let its zeros veto a class
+    log_mix = torch.einsum("g,gnc->nc", weights[keep], probs[keep].double().log())
+    return _softmax_rows(log_mix / weights.sum(), "probs").to(probs.dtype)
+
+
+def solve(
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    active: Tensor,
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+    *,
+    mean: str = "arithmetic",
+    tol: float = 1e-12,
+    max_iter: int = 50,
+) -> Tensor:
+    """Exact minimiser q of J for every example, (N, C), in general_probs' dtype and device.
+
+    general_probs: (N, C) or (G, N, C). specialist_probs[m]: (N, k_m + 1), rows
+    where specialist m is inactive are ignored. specialist_classes[m]: (k_m,)
+    class indices. active: (N, M) bool. general_weights: (G,), specialist_weights:
+    (M,), default all ones; weights are not normalised (a specialist of weight 2
+    counts as two). tol: relative KKT residual |r_m D_m / a_m - 1| at which the
+    Newton iteration stops; max_iter caps it.
+
+    Math (mean="arithmetic"). Write b_c = sum_g w_g p_gc + sum_{m active, c in S_m}
+    w_m p_mc, a_m = w_m d_m (d_m: dustbin probability), W = sum_c b_c + sum_m a_m.
+    Stationarity on the simplex gives
+
+        q_c = b_c / (W - sum_{m active, c not in S_m} r_m),   r_m = a_m / D_m,
+
+    D_m = sum_{c not in S_m} q_c. The r are the minimiser of the convex dual
+    f(r) = -sum_c b_c log(W - s_c(r)) - sum_m a_m log r_m, s_c(r) = sum_{m: c not in S_m} r_m;
+    at its minimum sum_c q_c = 1. Classes outside every active specialist share
+    s_c = sum_m r_m, so f needs only their total b and the active specialists'
+    classes: the work per example is O(k K^2) for K active specialists of k
+    classes, plus one pass over its C outputs. No active specialist with a > 0:
+    q = b / W (with no active specialist at all, the generalists' weighted
+    arithmetic mean). Exactly one: closed form, D_m = (B_m + a_m) / W with B_m
+    the b-mass outside S_m. More: damped Newton on the K-dimensional f (Hessian
+    K x K, fraction-to-boundary and Armijo steps), quadratically convergent.
+
+    mean="geometric" (all active specialists must cover all C classes): the
+    normalised weighted geometric mean of the generalists and active specialists.
+    """
+    general = _as_general(general_probs)
+    probs, rows = _dense_to_rows(specialist_probs, specialist_classes, active, general)
+    return solve_rows(
+        general, probs, specialist_classes, rows, general_weights, specialist_weights,
+        mean=mean, tol=tol, max_iter=max_iter,
+    )
+
+
+def solve_rows(
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    specialist_rows: Sequence[Tensor],
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+    *,
+    mean: str = "arithmetic",
+    tol: float = 1e-12,
+    max_iter: int = 50,
+) -> Tensor:
+    """`solve` with each specialist's output given only where it is active.
+
+    specialist_rows[m]: (P_m,) distinct example indices where specialist m is
+    active; specialist_probs[m]: (P_m, k_m + 1) its outputs on those examples.
+    This is what inference produces (run specialist m on its P_m examples only)
+    and what keeps memory at O(N C + sum_m P_m k_m). Returns (N, C).
+    """
+    _check_mean(mean)
+    problem = _Problem.build(
+        general_probs, specialist_probs, specialist_classes, specialist_rows,
+        general_weights, specialist_weights,
+    )
+    if mean == "geometric":
+        return _solve_geometric(problem)
+    if not tol > 0:
+        raise ValueError(f"tol={tol} must be > 0")
+    if max_iter < 1:
+        raise ValueError(f"max_iter={max_iter} must be >= 1")
+    return _solve_arithmetic(problem, tol, max_iter)
+
+
+def objective(
+    q: Tensor,
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    active: Tensor,
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+    *,
+    mean: str = "arithmetic",
+) -> Tensor:
+    """J(q) per example, (N,) float64; q: (N, C).
+
+    mean="arithmetic": J = sum_g w_g KL(p_g || q) + sum_{m active} w_m KL(p_m || A_m q),
+    with 0 log 0 = 0 and q clamped at 1e-300 inside log q. mean="geometric":
+    the same with every KL reversed, KL(q || p) (inf where q puts mass on a
+    class that a model gives probability 0).
+    """
+    _check_mean(mean)
+    problem = _Problem.build_dense(
+        general_probs, specialist_probs, specialist_classes, active,
+        general_weights, specialist_weights,
+    )
+    shape = (problem.n_examples, problem.n_classes)
+    if tuple(q.shape) != shape:
+        raise ValueError(f"q has shape {tuple(q.shape)}, expected (N, C) = {shape}")
+    return _objective(q, problem, mean)
+
+
+def solve_reference(
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    active: Tensor,
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+    *,
+    mean: str = "arithmetic",
+    steps: int = 2000,
+    lr: float = 0.1,
+    polish_steps: int = 300,
+) -> Tensor:
+    """Minimise J by gradient descent on the logits of q, as the paper does; (N, C).
+
+    Float64 Adam from uniform q, `steps` steps with a cosine learning rate from
+    `lr` to 0, then up to `polish_steps` L-BFGS iterations. Slow (O(steps N C M));
+    for tests and benchmarks of the exact solvers.
+    """
+    _check_mean(mean)
+    problem = _Problem.build_dense(
+        general_probs, specialist_probs, specialist_classes, active,
+        general_weights, specialist_weights,
+    )
+    shape = (problem.n_examples, problem.n_classes)
+    logits = torch.zeros(shape, dtype=torch.float64, device=problem.device, requires_grad=True)
+
+    def loss() -> Tensor:
+        return _objective(torch.softmax(logits, dim=1), problem, mean).sum()
+
+    adam = torch.optim.Adam([logits], lr=lr)
+    for step in range(steps):
+        adam.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        adam.zero_grad()
+        loss().backward()
+        adam.step()
+    if polish_steps > 0:
+        lbfgs = torch.optim.LBFGS(
+            [logits], lr=1, max_iter=polish_steps, history_size=50,
+            tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> Tensor:
+            lbfgs.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        lbfgs.step(closure)
+    return torch.softmax(logits.detach(), dim=1).to(problem.general.dtype)
+
+
+def iterate_mm(
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    active: Tensor,
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+) -> Iterator[Tensor]:
+    """Yield the majorise-minimise iterates q_1, q_2, ... (each (N, C) float64), forever.
+
+    From uniform q, each step hands every active dustbin's mass a_m to the
+    classes outside S_m in proportion to the current q:
+
+        q_c <- (b_c + sum_{m active, c not in S_m} a_m q_c / D_m) / W.
+
+    This is EM for the coarsened labels; J never increases, the rate is linear.
+    """
+    problem = _Problem.build_dense(
+        general_probs, specialist_probs, specialist_classes, active,
+        general_weights, specialist_weights,
+    )
+    n, n_classes = problem.n_examples, problem.n_classes
+    b = torch.einsum("g,gnc->nc", problem.general_weights, problem.general.double())
+    total = b.sum(1)  # (N,) W
+    dustbins = []  # (rows, outside mask (C,), a (P,)) of specialists with a dustbin mass
+    for m, (rows, probs, classes) in enumerate(problem.specialists()):
+        weight = problem.specialist_weights[m]
+        probs = probs.double()
+        b[rows[:, None], classes[None, :]] += weight * probs[:, :-1]
+        total[rows] += weight * probs.sum(1)
+        outside = torch.ones(n_classes, dtype=torch.bool, device=problem.device)
+        outside[classes] = False
+        dustbins.append((rows, outside, weight * probs[:, -1]))
+    q = torch.full((n, n_classes), 1.0 / n_classes, dtype=torch.float64, device=problem.device)
+    while True:
+        numerator = b.clone()
+        for rows, outside, a in dustbins:
+            q_rows = q[rows] * outside  # (P, C) the classes that share the dustbin
+            share = a / q_rows.sum(1)  # a_m / D_m
+            numerator[rows] += share[:, None] * q_rows
+        q = numerator / total[:, None]
+        yield q
+
+
+# ----------------------------------------------------------------------------
+# validation
+
+
+def _check_mean(mean: str) -> None:
+    if mean not in MEANS:
+        raise ValueError(f"mean={mean!r} must be one of {MEANS}")
+
+
+def _as_general(general_probs: Tensor, name: str = "general_probs") -> Tensor:
+    """(N, C) or (G, N, C) -> (G, N, C)."""
+    if not isinstance(general_probs, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(general_probs).__name__}")
+    if general_probs.dim() == 2:
+        general_probs = general_probs[None]
+    if general_probs.dim() != 3 or general_probs.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (N, C) or (G, N, C), got {tuple(general_probs.shape)}")
+    if not general_probs.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {general_probs.dtype}")
+    return general_probs
+
+
+def _check_weights(name: str, weights, n: int, device) -> Tensor:
+    """-> (n,) float64 on device, all >= 0 and finite; None means ones."""
+    if weights is None:
+        return torch.ones(n, dtype=torch.float64, device=device)
+    weights = torch.as_tensor(weights, dtype=torch.float64).to(device)
+    if weights.shape != (n,):
+        raise ValueError(f"{name} has shape {tuple(weights.shape)}, expected ({n},)")
+    bad = ~torch.isfinite(weights) | (weights < 0)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}]={weights[i].item()} must be finite and >= 0")
+    return weights
+
+
+def _check_probs(name: str, probs: Tensor, where) -> None:
+    """Raise on NaN/inf, negative entries or rows not summing to 1 in probs (..., K).
+
+    where(index tuple of a row) -> text naming that row for the message.
+    """
+    if probs.numel() == 0:
+        return
+    sums = probs.sum(-1, dtype=torch.float64)
+    if not torch.isfinite(sums).all():
+        bad = (~torch.isfinite(probs)).nonzero()[0]
+        value = probs[tuple(bad)].item()
+        raise ValueError(f"{name} contains {value} at {where(tuple(bad[:-1].tolist()))}, class column {int(bad[-1])}")
+    if probs.amin() < 0:
+        bad = (probs < 0).nonzero()[0]
+        value = probs[tuple(bad)].item()
+        raise ValueError(
+            f"{name} contains {value} at {where(tuple(bad[:-1].tolist()))}, class column {int(bad[-1])}; "
+            "probabilities must be >= 0"
+        )
+    error = (sums - 1).abs()
+    if error.amax() > ROW_SUM_TOL:
+        bad = tuple(int(i) for i in torch.unravel_index(error.argmax(), error.shape))
+        raise ValueError(
+            f"{name} at {where(bad)} sums to {sums[bad].item():.6g}, expected 1 (tolerance {ROW_SUM_TOL})"
+        )
+
+
+def _check_general(general: Tensor, weights: Tensor, name: str = "general_probs",
+                   weights_name: str = "general_weights") -> None:
+    _check_probs(name, general, lambda i: f"model {i[0]}, row {i[1]}")
+    if not weights.sum() > 0:
+        raise ValueError(f"{weights_name} sum to {weights.sum().item()}; at least one must be > 0")
+
+
+def _dense_to_rows(specialist_probs, specialist_classes, active, general) -> tuple[list, list]:
+    """Dense (N, k_m + 1) specialist outputs + (N, M) active -> the active rows of each."""
+    n = general.shape[1]
+    n_specialists = len(specialist_classes)
+    if len(specialist_probs) != n_specialists:
+        raise ValueError(
+            f"got {len(specialist_probs)} specialist_probs for {n_specialists} specialist_classes"
+        )
+    if not isinstance(active, Tensor) or active.dtype != torch.bool:
+        raise ValueError(f"active must be a bool tensor, got {getattr(active, 'dtype', type(active).__name__)}")
+    if tuple(active.shape) != (n, n_specialists):
+        raise ValueError(f"active has shape {tuple(active.shape)}, expected (N, M) = {(n, n_specialists)}")
+    active = active.to(general.device)
+    probs, rows = [], []
+    for m, p in enumerate(specialist_probs):
+        k = len(specialist_classes[m])
+        if not isinstance(p, Tensor) or tuple(p.shape) != (n, k + 1):
+            shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(f"specialist_probs[{m}] has shape {shape}, expected (N, k_m + 1) = {(n, k + 1)}")
+        r = active[:, m].nonzero().squeeze(1)
+        rows.append(r)
+        probs.append(p.index_select(0, r.to(p.device)))
+    return probs, rows
+
+
+@dataclass
+class _Layout:
+    """The specialists' class sets as tables.
+
+    classes: (M, k_max) class indices, padded with 0. sizes: (M,) k_m.
+    pos: (M, C) position of each class in specialist m's output, -1 if absent.
+    """
+
+    classes: Tensor
+    sizes: Tensor
+    pos: Tensor
+
+    @staticmethod
+    def build(specialist_classes: Sequence[Tensor], n_classes: int, device) -> _Layout:
+        lists = []
+        for m, c in enumerate(specialist_classes):
+            c = torch.as_tensor(c)
+            if c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
+                raise ValueError(f"specialist_classes[{m}] must hold integer class indices, got {c.dtype}")
+            if c.dim() != 1 or c.numel() == 0:
+                raise ValueError(f"specialist_classes[{m}] must be a non-empty 1-D tensor, got shape {tuple(c.shape)}")
+            lists.append(c.to(device=device, dtype=torch.long))
+        n_specialists = len(lists)
+        sizes = [len(c) for c in lists]
+        pos = torch.full((n_specialists, n_classes), -1, dtype=torch.long, device=device)
+        if n_specialists == 0:
+            return _Layout(torch.zeros(0, 1, dtype=torch.long, device=device),
+                           torch.zeros(0, dtype=torch.long, device=device), pos)
+        flat = torch.cat(lists)
+        owner = torch.repeat_interleave(torch.arange(n_specialists, device=device),
+                                        torch.tensor(sizes, device=device))
+        within = torch.cat([torch.arange(k, device=device) for k in sizes])
+        bad = (flat < 0) | (flat >= n_classes)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"specialist_classes[{int(owner[i])}] contains class {int(flat[i])}, "
+                f"outside [0, n_classes={n_classes})"
+            )
+        counts = torch.zeros(n_specialists, n_classes, dtype=torch.int32, device=device)
+        counts.index_put_((owner, flat), torch.ones_like(flat, dtype=torch.int32), accumulate=True)
+        if counts.amax() > 1:
+            m, c = (counts > 1).nonzero()[0].tolist()
+            raise ValueError(f"specialist_classes[{m}] lists class {c} {int(counts[m, c])} times")
+        pos[owner, flat] = within
+        classes = torch.zeros(n_specialists, max(sizes), dtype=torch.long, device=device)
+        classes[owner, within] = flat
+        return _Layout(classes, torch.tensor(sizes, device=device), pos)
+
+
+@dataclass
+class _Problem:
+    """Validated inputs on one device.
+
+    general: (G, N, C). general_weights: (G,) float64. probs[m]: (P_m, k_m + 1)
+    outputs of specialist m on the examples rows[m]: (P_m,). specialist_weights: (M,).
+    """
+
+    general: Tensor
+    general_weights: Tensor
+    probs: list
+    rows: list
+    layout: _Layout
+    specialist_weights: Tensor
+
+    @property
+    def device(self):
+        return self.general.device
+
+    @property
+    def n_examples(self) -> int:
+        return self.general.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return self.general.shape[2]
+
+    def specialists(self):
+        """(rows, probs, classes) of each specialist, skipping empty and zero-weight ones."""
+        for m, (rows, probs) in enumerate(zip(self.rows, self.probs)):
+            if rows.numel() and self.specialist_weights[m] > 0:
+                yield rows, probs, self.layout.classes[m, : probs.shape[1] - 1]
+
+    @staticmethod
+    def build_dense(general_probs, specialist_probs, specialist_classes, active,
+                    general_weights, specialist_weights) -> _Problem:
+        general = _as_general(general_probs)
+        probs, rows = _dense_to_rows(specialist_probs, specialist_classes, active, general)
+        return _Problem.build(general, probs, specialist_classes, rows, general_weights, specialist_weights)
+
+    @staticmethod
+    def build(general_probs, specialist_probs, specialist_classes, specialist_rows,
+              general_weights, specialist_weights) -> _Problem:
+        general = _as_general(general_probs)
+        n_models, n, n_classes = general.shape
+        device = general.device
+        general_weights = _check_weights("general_weights", general_weights, n_models, device)
+        _check_general(general, general_weights)
+        layout = _Layout.build(specialist_classes, n_classes, device)
+        n_specialists = len(layout.sizes)
+        if len(specialist_probs) != n_specialists or len(specialist_rows) != n_specialists:
+            raise ValueError(
+                f"got {len(specialist_probs)} specialist_probs and {len(specialist_rows)} specialist_rows "
+                f"for {n_specialists} specialist_classes"
+            )
+        specialist_weights = _check_weights("specialist_weights", specialist_weights, n_specialists, device)
+        sizes = layout.sizes.tolist()
+        rows = []
+        for m, (r, p) in enumerate(zip(specialist_rows, specialist_probs)):
+            r = torch.as_tensor(r, device=device)
+            if r.dtype.is_floating_point or r.dtype == torch.bool or r.dim() != 1:
+                raise ValueError(f"specialist_rows[{m}] must be a 1-D integer tensor, got {r.dtype} {tuple(r.shape)}")
+            if not isinstance(p, Tensor) or tuple(p.shape) != (len(r), sizes[m] + 1):
+                shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(
+                    f"specialist_probs[{m}] has shape {shape}, expected (P_m, k_m + 1) = {(len(r), sizes[m] + 1)}"
+                )
+            if p.device != device:
+                raise ValueError(f"specialist_probs[{m}] is on {p.device}, general_probs on {device}")
+            if not p.is_floating_point():
+                raise ValueError(f"specialist_probs[{m}] must be floating point, got {p.dtype}")
+            rows.append(r.long())
+        if n_specialists:
+            _check_rows(rows, n)
+            for m, (r, p) in enumerate(zip(rows, specialist_probs)):
+                _check_probs(f"specialist_probs[{m}]", p, lambda i, r=r: f"example {int(r[i[0]])}")
+                if sizes[m] == n_classes and p.numel() and p[:, -1].amax() > 0:
+                    i = int(p[:, -1].argmax())
+                    raise ValueError(
+                        f"specialist {m} covers all {n_classes} classes, so its dustbin is empty, "
+                        f"but its dustbin probability is {p[i, -1].item()} at example {int(r[i])}"
+                    )
+        return _Problem(general, general_weights, list(specialist_probs), rows, layout, specialist_weights)
+
+
+def _check_rows(rows: list, n: int) -> None:
+    """Every specialist's example indices are in [0, N) and distinct."""
+    flat = torch.cat(rows)
+    if flat.numel() == 0:
+        return
+    owner = torch.repeat_interleave(
+        torch.arange(len(rows), device=flat.device), torch.tensor([len(r) for r in rows], device=flat.device)
+    )
+    bad = (flat < 0) | (flat >= n)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"specialist_rows[{int(owner[i])}] contains example {int(flat[i])}, outside [0, N={n})")
+    key = (owner * n + flat).sort().values
+    repeated = key[1:] == key[:-1]
+    if repeated.any():
+        k = int(key[1:][repeated][0])
+        raise ValueError(f"specialist_rows[{k // n}] lists example {k % n} more than once")
+
+
+# ----------------------------------------------------------------------------
+# objective
+
+
+def _kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p || q) along the last axis with 0 log 0 = 0."""
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
+
+
+def _objective(q: Tensor, problem: _Problem, mean: str) -> Tensor:
+    """J per example, (N,) float64; differentiable in q."""
+    q = q.double()
+    forward = mean == "arithmetic"
+    q_log = q.clamp_min(_TINY)  # q inside a log: keep finite where q underflows
+    keep = problem.general_weights > 0  # 0 * inf must not turn into nan
+    general = problem.general[keep].double()
+    kl = _kl(general, q_log[None]) if forward else _kl(q[None], general)  # (G, N)
+    total = problem.general_weights[keep] @ kl
+    for m, (rows, probs, classes) in enumerate(problem.specialists()):
+        q_rows = q[rows]  # (P, C)
+        outside = torch.ones(problem.n_classes, dtype=torch.bool, device=q.device)
+        outside[classes] = False
+        # sum outside classes directly: 1 - sum(inside) loses a small dustbin to rounding
+        folded = torch.cat([q_rows[:, classes], (q_rows * outside).sum(1, keepdim=True)], dim=1)
+        probs = probs.double()
+        kl = _kl(probs, folded.clamp_min(_TINY)) if forward else _kl(folded, probs)
+        total = total.index_add(0, rows, problem.specialist_weights[m] * kl)
+    return total
+
+
+# ----------------------------------------------------------------------------
+# geometric mean
+
+
+def _softmax_rows(log_q: Tensor, name: str) -> Tensor:
+    """Row softmax of float64 log-weights; a row that is -inf everywhere is an error."""
+    empty = ~torch.isfinite(log_q.amax(1))
+    if empty.any():
+        i = int(empty.nonzero()[0, 0])
+        raise ValueError(f"geometric mean undefined at row {i}: every class has probability 0 in some model of {name}")
+    return torch.softmax(log_q, dim=1)
+
+
+def _solve_geometric(problem: _Problem) -> Tensor:
+    keep = problem.general_weights > 0
+    log_mix = torch.einsum("g,gnc->nc", problem.general_weights[keep], problem.general[keep].double().log())
+    total = torch.full((problem.n_examples,), problem.general_weights.sum().item(),
+                       dtype=torch.float64, device=problem.device)
+    for m, (rows, probs, classes) in enumerate(problem.specialists()):
+        if len(classes) != problem.n_classes:
+            raise ValueError(
+                f"mean='geometric' needs models over all classes; specialist {m} covers "
+                f"{len(classes)} of {problem.n_classes}"
+            )
+        weight = problem.specialist_weights[m]
+        log_mix[rows[:, None], classes[None, :]] += weight * probs[:, :-1].double().log()
+        total[rows] += weight
+    return _softmax_rows(log_mix / total[:, None], "general_probs/specialist_probs").to(problem.general.dtype)
+
+
+# ----------------------------------------------------------------------------
+# exact solver of the arithmetic (forward KL) objective
+
+
+def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
+    general, layout = problem.general, problem.layout
+    dtype, device = general.dtype, general.device
+    n, n_classes = problem.n_examples, problem.n_classes
+    q = torch.einsum("g,gnc->nc", problem.general_weights.to(dtype), general)  # (N, C) b of the generalists
+
+    # Pairs (example, active specialist), sorted by example, then laid out as
+    # slots: row i of the active examples holds its K <= k_slots specialists.
+    pair_m = [m for m, (rows, _) in enumerate(zip(problem.rows, problem.probs))
+              if rows.numel() and problem.specialist_weights[m] > 0]
+    if not pair_m:
+        return q / q.sum(1, keepdim=True, dtype=torch.float64).to(dtype)
+    k_max = int(layout.sizes[pair_m].max())
+    pair_row = torch.cat([problem.rows[m] for m in pair_m])
+    pair_spec = torch.cat([torch.full_like(problem.rows[m], m) for m in pair_m])
+    pair_in = torch.zeros(len(pair_row), k_max, dtype=torch.float64, device=device)  # (P, k_max)
+    offset = 0
+    for m in pair_m:
+        p = problem.probs[m]
+        pair_in[offset: offset + len(p), : p.shape[1] - 1] = p[:, :-1]
+        offset += len(p)
+    pair_dust = torch.cat([problem.probs[m][:, -1].double() for m in pair_m])  # (P,)
+    pair_total = torch.cat([problem.probs[m].sum(1, dtype=torch.float64) for m in pair_m])  # (P,)
+
+    order = torch.argsort(pair_row * len(layout.sizes) + pair_spec)
+    row_sorted = pair_row[order]
+    counts = torch.bincount(pair_row, minlength=n)
+    k_slots = int(counts.max())
+    examples = (counts > 0).nonzero().squeeze(1)  # (Na,) examples with an active specialist
+    compact = torch.full((n,), -1, dtype=torch.long, device=device)
+    compact[examples] = torch.arange(len(examples), device=device)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(order), device=device) - first[row_sorted]
+    slot_pair = torch.full((len(examples), k_slots), -1, dtype=torch.long, device=device)
+    slot_pair[compact[row_sorted], slot] = order
+
+    valid = slot_pair >= 0  # (Na, K)
+    slot_pair = slot_pair.clamp_min(0)
+    spec = pair_spec[slot_pair]  # (Na, K)
+    weight = torch.where(valid, problem.specialist_weights[spec], 0.0)
+    dust = torch.where(valid, weight * pair_dust[slot_pair], 0.0)  # (Na, K) a_m
+    spec_total = (torch.where(valid, weight * pair_total[slot_pair], 0.0)).sum(1)  # (Na,)
+    entry_valid = valid[:, :, None] & (torch.arange(k_max, device=device) < layout.sizes[spec][:, :, None])
+    classes = torch.where(entry_valid, layout.classes[spec][:, :, :k_max], 0)  # (Na, K, k_max)
+
+    # Generalist mass on the active classes; zeroing it in q leaves q summing
+    # to the mass outside them, B_out, free of cancellation.
+    example_idx = examples[:, None, None].expand_as(classes)
+    general_union = torch.where(entry_valid, q[example_idx, classes].double(), 0.0)  # (Na, K, k_max)
+    q.index_put_((example_idx[entry_valid], classes[entry_valid]), torch.zeros((), dtype=dtype, device=device))
+    b_out = q.sum(1, dtype=torch.float64)  # (N,)
+
+    scale = 1 / b_out  # (N,) multiplies the generalist mass on classes outside every active specialist
+    shift = torch.zeros_like(b_out)  # (N,) added to those classes (floor of a degenerate row)
+    values = torch.zeros_like(general_union)  # (Na, K, k_max) q on the active classes
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (k_slots * k_slots * k_max))
+    for start in range(0, len(examples), rows_per_chunk):
+        chunk = slice(start, start + rows_per_chunk)
+        ex = examples[chunk]
+        values[chunk], scale[ex], shift[ex] = _solve_chunk(
+            layout, pair_in, n_classes, tol, max_iter,
+            spec[chunk], valid[chunk], slot_pair[chunk], weight[chunk], dust[chunk],
+            classes[chunk], entry_valid[chunk], general_union[chunk], b_out[ex], spec_total[chunk],
+        )
+    q.mul_(scale.to(dtype)[:, None])
+    if (shift > 0).any():
+        q.add_(shift.to(dtype)[:, None])
+    q.index_put_((example_idx[entry_valid], classes[entry_valid]), values[entry_valid].to(dtype))
+    return q
+
+
+def _solve_chunk(layout, pair_in, n_classes, tol, max_iter,
+                 spec, valid, slot_pair, weight, a, classes, entry_valid, general_union, b_out, spec_total):
+    """Solve the examples of one chunk; every (n, K, k) tensor indexes (example, slot, class position).
+
+    Returns q on the active classes (n, K, k), and for the classes outside every
+    active specialist q_c = scale * (generalist mass) + shift, scale and shift (n,).
+    """
+    n, k_slots, k_max = classes.shape
+    device = classes.device
+    # membership (n, K, k, K): class (i, m, j) belongs to slot m' of the same example
+    pos = layout.pos[spec[:, None, None, :], classes[..., None]]
+    member = (pos >= 0) & valid[:, None, None, :] & entry_valid[..., None]
+    # b_c: generalists plus every active specialist that covers c
+    pin = pair_in[slot_pair].reshape(n, k_slots * k_max)  # (n, K * k)
+    flat = torch.arange(k_slots, device=device) * k_max + pos.clamp_min(0)
+    spec_prob = pin.gather(1, flat.reshape(n, -1)).reshape(member.shape)
+    b = general_union + (member * weight[:, None, None, :] * spec_prob).sum(-1)  # (n, K, k)
+    # each class counts once: at the first slot that holds it
+    earlier = torch.ones(k_slots, k_slots, dtype=torch.bool, device=device).tril(-1)  # [m, m'] = m' < m
+    primary = entry_valid & ~(member & earlier[:, None, :]).any(-1)
+    total = b_out + torch.where(primary, general_union, 0.0).sum((1, 2)) + spec_total  # (n,) W
+    n_out = n_classes - primary.sum((1, 2))  # classes in no active specialist
+
+    # A group of classes with b = 0 can have to take dustbin mass (then q is
+    # not unique and the dual below has no minimum): give each zero class a
+    # tiny mass, _FLOOR * W, in rows where that can happen.
+    free = a > 0
+    n_free = free.sum(1)
+    zero = primary & (b == 0)
+    zero_out = (b_out == 0) & (n_out > 0)
+    floor = torch.where((n_free > 0) & (zero.any((1, 2)) | zero_out), _FLOOR * total, 0.0)
+    b = torch.where(entry_valid & (b == 0), floor[:, None, None], b)
+    out_floor = torch.where(zero_out, floor, 0.0)
+    b_out = b_out + out_floor
+    total = total + floor * zero.sum((1, 2)) + out_floor
+
+    # Denominators y_c = W - sum_{m active, c not in S_m} r_m, so q_c = b_c / y_c.
+    # No specialist with a > 0: y = W. One: closed form, computed without the
+    # cancellation of W - r.
+    b_primary = torch.where(primary, b, 0.0)
+    only = free.double().argmax(1)  # the free slot when n_free == 1
+    in_only = member.gather(-1, only[:, None, None, None].expand(n, k_slots, k_max, 1)).squeeze(-1)
+    b_outside = b_out + torch.where(in_only, 0.0, b_primary).sum((1, 2))
+    a_only = a.gather(1, only[:, None]).squeeze(1)
+    y_rest = torch.where(n_free == 1, total * b_outside / (b_outside + a_only), total)
+    y = torch.where(in_only, total[:, None, None], y_rest[:, None, None])  # (n, K, k)
+    y_out = y_rest
+
+    many = (n_free >= 2).nonzero().squeeze(1)
+    if len(many):
+        member_f = (member & primary[..., None]).double().reshape(n, -1, k_slots)[many]
+        r = _newton(b_primary.reshape(n, -1)[many], member_f, b_out[many], total[many], a[many],
+                    tol, max_iter)
+        y_out_many = total[many] - r.sum(1)
+        y[many] = y_out_many[:, None, None] + torch.einsum("ikjl,il->ikj", member[many].double(), r)
+        y_out[many] = y_out_many
+
+    q_active = torch.where(b > 0, b / y, 0.0)  # (n, K, k)
+    q_out = torch.where(b_out > 0, b_out / y_out, 0.0)
+    norm = q_out + torch.where(primary, q_active, 0.0).sum((1, 2))  # 1 up to rounding
+    scale = 1 / (y_out * norm)
+    shift = torch.where(out_floor > 0, out_floor / n_out.clamp_min(1) * scale, 0.0)
+    return q_active / norm[:, None, None], scale, shift
+
+
+def _newton(b, member, b_out, total, a, tol, max_iter):
+    """Minimise the dual f(r) = -sum_c b_c log y_c - b_out log y_out - sum_m a_m log r_m.
+
+    y_out = W - sum_m r_m, y_c = y_out + sum_{m: c in S_m} r_m. b: (n, E) mass of
+    each active class (each class once, 0 for padding); member: (n, E, K) float
+    0/1; b_out, total (W): (n,); a: (n, K) dustbin masses, slots with a = 0 stay
+    at r = 0. f is convex; at its minimiser sum_c b_c / y_c + b_out / y_out = 1.
+    Returns r (n, K).
+    """
+    n, k_slots = a.shape
+    free = a > 0
+    has_b, has_out = b > 0, b_out > 0
+    eye = torch.eye(k_slots, dtype=a.dtype, device=a.device)
+    inf = torch.tensor(math.inf, dtype=a.dtype, device=a.device)
+    safe_a = torch.where(free, a, 1.0)
+
+    def denominators(r, i):
+        y_out = total[i] - r.sum(1)
+        return y_out[:, None] + torch.einsum("iek,ik->ie", member[i], r), y_out
+
+    def value(r, y, y_out, i):
+        return -(torch.xlogy(b[i], y).sum(1) + torch.xlogy(b_out[i], y_out) + torch.xlogy(a[i], r).sum(1))
+
+    def max_step(r, d, y, y_out, i):
+        """Largest alpha keeping r + alpha d inside the domain of f."""
+        fall_out = d.sum(1)  # how fast y_out falls along d
+        fall = fall_out[:, None] - torch.einsum("iek,ik->ie", member[i], d)
+        alpha = torch.where(has_b[i] & (fall > 0), y / fall, inf).amin(1)
+        alpha = torch.minimum(alpha, torch.where(has_out[i] & (fall_out > 0), y_out / fall_out, inf))
+        return torch.minimum(alpha, torch.where(free[i] & (d < 0), -r / d, inf).amin(1))
+
+    # Start at r = a (D = 1, strictly feasible), move toward each specialist's
+    # own closed form r_m = a_m W / (B_m + a_m) as far as the domain allows.
+    everyone = torch.arange(n, device=a.device)
+    r = a.clone()
+    outside_mass = b_out[:, None] + torch.einsum("ie,iek->ik", b, 1 - member)
+    target = torch.where(free, a * total[:, None] / (outside_mass + safe_a), 0.0)
+    y, y_out = denominators(r, everyone)
+    alpha = (0.99 * max_step(r, target - r, y, y_out, everyone)).clamp(max=1)
+    r = r + alpha[:, None] * (target - r)
+
+    live = everyone
+    for _ in range(max_iter):
+        if len(live) == 0:
+            break
+        r_live, a_live, free_live = r[live], a[live], free[live]
+        y, y_out = denominators(r_live, live)
+        q = torch.where(has_b[live], b[live] / y, 0.0)  # (n, E)
+        q_out = torch.where(has_out[live], b_out[live] / y_out, 0.0)
+        outside = (q_out + q.sum(1))[:, None] - torch.einsum("ie,iek->ik", q, member[live])  # D_m
+        grad = torch.where(free_live, outside - a_live / r_live.where(free_live, 1.0), 0.0)
+        residual = (grad * r_live / safe_a[live]).abs().amax(1)  # |r_m D_m / a_m - 1|
+        done = residual <= tol
+
+        v = q / y
+        v_out = q_out / y_out
+        cross = torch.einsum("ie,iek,iel->ikl", v, member[live], member[live])  # mass in S_k and S_l
+        diag = cross.diagonal(dim1=1, dim2=2)
+        hessian = ((v_out + v.sum(1))[:, None, None] - diag[:, :, None] - diag[:, None, :] + cross
+                   + torch.diag_embed(torch.where(free_live, a_live / r_live.where(free_live, 1.0) ** 2, 0.0)))
+        hessian = torch.where(free_live[:, :, None] & free_live[:, None, :], hessian, eye)
+        s = hessian.diagonal(dim1=1, dim2=2).rsqrt()  # Jacobi scaling: scales differ by orders
+        step = -s * torch.linalg.solve(hessian * s[:, :, None] * s[:, None, :], s * grad)
+        decrease = -(grad * step).sum(1)
+
+        # fraction to the boundary, then halve until Armijo holds (with slack
+        # for rounding, so that the last quadratic steps are not refused)
+        f0 = value(r_live, y, y_out, live)
+        slack = 16 * torch.finfo(f0.dtype).eps * (f0.abs() + 1)
+        alpha = (0.99 * max_step(r_live, step, y, y_out, live)).clamp(max=1)
+        pending = ~done
+        for _ in range(60):
+            r_try = r_live + alpha[:, None] * step
+            accept = pending & (value(r_try, *denominators(r_try, live), live)
+                                <= f0 - 1e-4 * alpha * decrease + slack)
+            r[live[accept]] = r_try[accept]
+            pending &= ~accept
+            if not pending.any():
+                break
+            alpha = torch.where(pending, alpha / 2, alpha)
+        tiny = (alpha[:, None] * step).abs() <= 4 * torch.finfo(a.dtype).eps * r_live
+        live = live[~(done | pending | tiny.all(1))]
+    return r

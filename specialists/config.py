@@ -1,0 +1,291 @@
+"""Typed run configuration: defaults in code, YAML overrides, `a.b=value` overrides.
+
+Every stage reads one frozen dataclass. `load_config` merges, in order, the code
+defaults, a YAML file and command-line overrides, and rejects unknown keys,
+wrong types and impossible values with a message naming the key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is unknown, mistyped or impossible."""
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+DATA_KINDS = ("csv_text", "npz", "mnist", "synthetic")
+MODEL_NAMES = ("fasttext", "mlp", "cnn")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """A large label set with planted groups of confusable classes.
+
+    Each group owns a random low-dimensional subspace in which its classes
+    differ; a narrow generalist cannot resolve every group's subspace at once,
+    which is the capacity-limited regime specialists are for.
+    """
+
+    n_classes: int = 1000
+    n_groups: int = 50
+    n_features: int = 128
+    subspace_dim: int = 8  # directions in which one group's classes differ
+    train_per_class: int = 60
+    test_per_class: int = 20
+    group_spread: float = 3.0  # distance scale between group centres
+    class_spread: float = 1.0  # distance scale between classes of one group: smaller is harder
+    noise: float = 1.0  # per-example noise; larger is harder
+    frequency_skew: float = 0.0  # 0: balanced classes; >0: Zipf-like class frequencies
+
+    def validate(self, prefix: str) -> None:
+        _require(self.n_classes >= 2, f"{prefix}.n_classes", self.n_classes, "need at least 2 classes")
+        _require(1 <= self.n_groups <= self.n_classes, f"{prefix}.n_groups", self.n_groups,
+                 f"must be between 1 and n_classes={self.n_classes}")
+        _require(self.n_features >= 1, f"{prefix}.n_features", self.n_features, "must be >= 1")
+        _require(1 <= self.subspace_dim <= self.n_features, f"{prefix}.subspace_dim", self.subspace_dim,
+                 f"must be between 1 and n_features={self.n_features}")
+        _require(self.train_per_class >= 2, f"{prefix}.train_per_class", self.train_per_class,
+                 "need >= 2 so a validation split can be carved")
+        _require(self.test_per_class >= 1, f"{prefix}.test_per_class", self.test_per_class, "must be >= 1")
+        for name in ("group_spread", "class_spread", "noise"):
+            value = getattr(self, name)
+            _require(value > 0, f"{prefix}.{name}", value, "must be > 0")
+        _require(self.frequency_skew >= 0, f"{prefix}.frequency_skew", self.frequency_skew, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from. `builtin:banking77` is the embedded default."""
+
+    kind: str = "csv_text"
+    train: str = "builtin:banking77/train.csv"  # csv_text: CSV path
+    test: str = "builtin:banking77/test.csv"
+    text_column: str = "text"
+    label_column: str = "category"
+    path: str = ""  # npz: the .npz file; mnist: the folder of IDX files
+    val_fraction: float = 0.1  # carved from train, stratified, seeded
+    max_train: int = 0  # 0: all; else a seeded stratified subsample of train
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.kind in DATA_KINDS, f"{prefix}.kind", self.kind, f"must be one of {DATA_KINDS}")
+        _require(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _require(self.max_train >= 0, f"{prefix}.max_train", self.max_train, "must be >= 0 (0 = all)")
+        if self.kind == "csv_text":
+            _require(bool(self.train), f"{prefix}.train", self.train, "a CSV path is required")
+            _require(bool(self.test), f"{prefix}.test", self.test, "a CSV path is required")
+            _require(bool(self.text_column), f"{prefix}.text_column", self.text_column, "must not be empty")
+            _require(bool(self.label_column), f"{prefix}.label_column", self.label_column, "must not be empty")
+        if self.kind in ("npz", "mnist"):
+            _require(bool(self.path), f"{prefix}.path", self.path, f"a path is required for kind={self.kind}")
+        if self.kind == "synthetic":
+            self.synthetic.validate(f"{prefix}.synthetic")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The generalist's architecture; specialists copy it."""
+
+    name: str = "fasttext"  # fasttext (texts) | mlp (features, images) | cnn (images)
+    hidden: list[int] = field(default_factory=lambda: [256])
+    dropout: float = 0.2
+    input_dropout: float = 0.0  # the paper's MNIST nets drop 20% of input pixels
+    embed_dim: int = 128  # fasttext: embedding size
+    buckets: int = 200_000  # fasttext: hashed n-gram vocabulary size
+    ngrams: int = 2  # fasttext: word n-grams up to this length
+    jitter: int = 0  # cnn/mlp on images: random translation by up to this many pixels when training
+
+    def validate(self, prefix: str = "model") -> None:
+        _require(self.name in MODEL_NAMES, f"{prefix}.name", self.name, f"must be one of {MODEL_NAMES}")
+        _require(all(h >= 1 for h in self.hidden), f"{prefix}.hidden", self.hidden, "every width must be >= 1")
+        _require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        _require(0 <= self.input_dropout < 1, f"{prefix}.input_dropout", self.input_dropout, "must be in [0, 1)")
+        _require(self.embed_dim >= 1, f"{prefix}.embed_dim", self.embed_dim, "must be >= 1")
+        _require(self.buckets >= 16, f"{prefix}.buckets", self.buckets, "must be >= 16")
+        _require(self.ngrams >= 1, f"{prefix}.ngrams", self.ngrams, "must be >= 1")
+        _require(self.jitter >= 0, f"{prefix}.jitter", self.jitter, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training loop's schedule (generalist; specialists override some of it)."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd only
+    patience: int = 4  # epochs without validation improvement before stopping; 0 = never stop early
+    eval_batch_size: int = 1024
+
+    def validate(self, prefix: str = "train") -> None:
+        _require(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "must be >= 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        _require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.optimizer in ("adam", "sgd"), f"{prefix}.optimizer", self.optimizer, "must be adam or sgd")
+        _require(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "must be in [0, 1)")
+        _require(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
+        _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `specialists run` needs."""
+
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = default)")
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+
+
+# ---------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` as `annotation`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _check_type(key, value, option)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key}={value!r}: expected {annotation}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list, e.g. [256, 256]")
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _from_dict(annotation, value, key)
+    raise ConfigError(f"{key}: unsupported type {annotation}")  # a bug in this file, not user input
+
+
+def _from_dict(cls: type, values: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, starting from its defaults."""
+    if values is None:
+        values = {}
+    where = prefix or "config"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown key {key!r}; known keys under {where}: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _check_type(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {dotted!r}: empty key segment")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so 3 is int, [1, 2] a list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: missing key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key, value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+    """Defaults <- YAML file <- `a.b=value` overrides; validated."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    config = _from_dict(cls, tree)
+    config.validate()
+    return config
+
+
+def dump_config(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,157 @@
+"""One training loop, readable top to bottom: sample, step, evaluate, stop early.
+
+The generalist and every specialist go through `train_model`; what differs is
+passed in: which examples an epoch draws (`sample`) and the loss (`loss_fn`,
+which may add a soft-target term).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+
+# loss_fn(logits (B, K), labels (B,), index (B,) positions in the training set) -> {"loss": scalar, ...parts}
+LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], dict]
+# sample(epoch, rng) -> positions in the training set to visit this epoch, in order
+Sampler = Callable[[int, np.random.Generator], np.ndarray]
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    examples_seen: int  # forward+backward passes: the compute measure for equal-compute baselines
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> dict:
+    loss = nn.functional.cross_entropy(logits, labels)
+    return {"loss": loss, "hard_loss": loss.detach()}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, inputs, batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, K) float32 logits of `inputs` (an Encoded* from `model.encode`)."""
+    model.eval()
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        index = np.arange(start, min(start + batch_size, len(inputs)))
+        out.append(model(*inputs.batch(index, device)).float().cpu())
+    if not out:
+        return np.zeros((0, model.head.out_features), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def predict_proba(model: nn.Module, inputs, batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, K) float32 softmax probabilities."""
+    logits = torch.from_numpy(predict_logits(model, inputs, batch_size, device))
+    return torch.softmax(logits.double(), dim=1).float().numpy()
+
+
+def accuracy(model: nn.Module, inputs, labels: np.ndarray, batch_size: int, device) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return float((predict_logits(model, inputs, batch_size, device).argmax(1) == labels).mean())
+
+
+class _Optimizers:
+    """Adam for dense weights plus SparseAdam for sparse embeddings, stepped as one."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizers:
+    if cfg.optimizer == "sgd":  # SGD takes sparse gradients as they are
+        return _Optimizers(torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay))
+    # A sparse embedding (fastText's 200k hashed n-grams) only touches the rows a batch
+    # uses; dense Adam would update all of them every step, 4x slower on Banking77.
+    sparse = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    optimizers = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))
+    return _Optimizers(*optimizers)
+
+
+def train_model(
+    model: nn.Module,
+    train_inputs,
+    train_labels: np.ndarray,
+    val_inputs,
+    val_labels: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    sample: Sampler | None = None,
+    loss_fn: LossFn = cross_entropy,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Train in place; on return `model` holds the weights of its best validation epoch."""
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    model.to(device)
+    optimizer = _optimizer(model, cfg)
+    labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
+    sample = sample or (lambda epoch, rng: rng.permutation(len(train_labels)))
+
+    best_accuracy, best_epoch, best_state = -1.0, 0, None
+    history, seen, started = [], 0, time.perf_counter()
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        order = sample(epoch, rng)
+        parts_sum = {}
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start:start + cfg.batch_size]
+            logits = model(*train_inputs.batch(index, device))
+            parts = loss_fn(logits, labels[index].to(device), index)
+            optimizer.zero_grad()
+            parts["loss"].backward()
+            optimizer.step()
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) * len(index)
+        seen += len(order)
+
+        val_accuracy = accuracy(model, val_inputs, val_labels, cfg.eval_batch_size, device)
+        row = {"epoch": epoch, **{k: v / max(len(order), 1) for k, v in parts_sum.items()}, "val_accuracy": val_accuracy}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{val_accuracy:.4f}")
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_epoch = val_accuracy, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif cfg.patience and epoch - best_epoch >= cfg.patience:
+            break
+    bar.close()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(best_epoch, best_accuracy, len(history), seen, time.perf_counter() - started, history)
