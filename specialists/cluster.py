@@ -383,7 +383,7 @@ class ConfusionClusterer:
         max_cluster_size: int | None = None,
         min_cluster_size: int = 2,
         overlap: int = 1,
-        overlap_ratio: float = 1.2,
+        overlap_ratio: float = 1.5,
         normalize: str = "correlation",
         n_components: int | None = None,
         niter: int = 25,

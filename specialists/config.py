@@ -92,8 +92,7 @@ class DataConfig:
             _require(bool(self.label_column), f"{prefix}.label_column", self.label_column, "must not be empty")
         if self.kind in ("npz", "mnist"):
             _require(bool(self.path), f"{prefix}.path", self.path, f"a path is required for kind={self.kind}")
-        if self.kind == "synthetic":
-            self.synthetic.validate(f"{prefix}.synthetic")
+        self.synthetic.validate(f"{prefix}.synthetic")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ConfigError
 from .rundir import atomic_write, write_json
 
 
@@ -226,17 +227,17 @@ def model_kwargs(cfg, input_kind: str, input_shape: tuple[int, ...], n_classes: 
     """Constructor arguments for `cfg` (a ModelConfig) on data of this kind and shape."""
     if cfg.name == "fasttext":
         if input_kind != "text":
-            raise ValueError(f"model.name=fasttext reads texts, but the data are {input_kind}; use mlp or cnn")
+            raise ConfigError(f"model.name=fasttext reads texts, but the data are {input_kind}; use mlp or cnn")
         return dict(n_classes=n_classes, buckets=cfg.buckets, embed_dim=cfg.embed_dim, ngrams=cfg.ngrams,
                     hidden=list(cfg.hidden), dropout=cfg.dropout)
     if input_kind == "text":
-        raise ValueError(f"model.name={cfg.name} reads arrays, but the data are texts; use fasttext")
+        raise ConfigError(f"model.name={cfg.name} reads arrays, but the data are texts; use fasttext")
     kwargs = dict(n_classes=n_classes, input_shape=list(input_shape), hidden=list(cfg.hidden), dropout=cfg.dropout,
                   jitter=cfg.jitter)
     if cfg.name == "mlp":
         kwargs["input_dropout"] = cfg.input_dropout
     elif len(input_shape) != 2:
-        raise ValueError(f"model.name=cnn needs images, but the inputs have shape {input_shape}; use mlp")
+        raise ConfigError(f"model.name=cnn needs images, but the inputs have shape {input_shape}; use mlp")
     return kwargs
 
 

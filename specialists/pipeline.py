@@ -19,7 +19,7 @@ from .config import RunConfig, dump_config, load_config
 from .data import Dataset, load_dataset
 from .models import create_model, model_kwargs, resolve_device, save_checkpoint
 from .rundir import RunDir, RunDirError, write_json, write_text
-from .train import accuracy, train_model
+from .train import accuracy, seed_everything, train_model
 
 Log = Callable[[str], None]
 
@@ -46,6 +46,7 @@ def build_model(cfg: RunConfig, dataset: Dataset) -> torch.nn.Module:
 def train_generalist(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,
                      progress: bool = True) -> dict:
     """Train the generalist on all classes; checkpoint and metrics into the run directory."""
+    seed_everything(cfg.seed)  # the initial weights too
     model = build_model(cfg, dataset)
     train_x = model.encode(dataset.train.inputs)
     val_x = model.encode(dataset.val.inputs)
@@ -102,7 +103,8 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
     """`specialists run`: every stage that exists, in order, into one run directory."""
     cfg, run = prepare_run(cfg, out, resume)
     started = time.perf_counter()
-    dataset = load_dataset(cfg.data, cfg.seed)  # validate the data before anything is written
+    dataset = load_dataset(cfg.data, cfg.seed)  # validate data and model before anything is written
+    model_kwargs(cfg.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
     device = setup_torch(cfg)
     run.create(resume=resume)
     write_text(run.config, dump_config(cfg))
