@@ -144,6 +144,41 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Confusable-class clustering (paper section 5.3): covariance of the generalist's
+    probabilities on `split`, then faiss K-means on its normalised columns."""
+
+    enabled: bool = True
+    split: str = "val"  # val | train | test | a path to unlabeled inputs (.csv with data.text_column, or .npy)
+    n_clusters: int = 0  # k; 0: derived from classes_per_cluster
+    classes_per_cluster: int = 10
+    max_cluster_size: int = 0  # 0: no limit
+    min_cluster_size: int = 2
+    overlap: int = 1  # a class may join up to this many groups (1: disjoint)
+    overlap_ratio: float = 1.5
+    normalize: str = "correlation"  # correlation | l2 | covariance
+    niter: int = 25
+    nredo: int = 5
+    batch_size: int = 4096
+
+    def validate(self, prefix: str = "cluster") -> None:
+        _require(self.n_clusters >= 0, f"{prefix}.n_clusters", self.n_clusters, "must be >= 0 (0 = from classes_per_cluster)")
+        _require(self.classes_per_cluster >= 1, f"{prefix}.classes_per_cluster", self.classes_per_cluster, "must be >= 1")
+        _require(self.max_cluster_size >= 0, f"{prefix}.max_cluster_size", self.max_cluster_size, "must be >= 0 (0 = no limit)")
+        _require(self.min_cluster_size >= 1, f"{prefix}.min_cluster_size", self.min_cluster_size, "must be >= 1")
+        _require(self.max_cluster_size == 0 or self.max_cluster_size >= self.min_cluster_size,
+                 f"{prefix}.max_cluster_size", self.max_cluster_size, f"must be >= min_cluster_size={self.min_cluster_size}")
+        _require(self.overlap >= 1, f"{prefix}.overlap", self.overlap, "must be >= 1")
+        _require(self.overlap_ratio >= 1, f"{prefix}.overlap_ratio", self.overlap_ratio, "must be >= 1")
+        _require(self.normalize in ("correlation", "l2", "covariance"), f"{prefix}.normalize", self.normalize,
+                 "must be correlation, l2 or covariance")
+        _require(self.niter >= 1, f"{prefix}.niter", self.niter, "must be >= 1")
+        _require(self.nredo >= 1, f"{prefix}.nredo", self.nredo, "must be >= 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        _require(bool(self.split), f"{prefix}.split", self.split, "must be val, train, test or a file path")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything `specialists run` needs."""
 
@@ -153,6 +188,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
@@ -161,6 +197,7 @@ class RunConfig:
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        self.cluster.validate()
 
 
 # ---------------------------------------------------------------------------

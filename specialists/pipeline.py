@@ -15,11 +15,15 @@ from typing import Callable
 
 import torch
 
-from .config import RunConfig, dump_config, load_config
-from .data import Dataset, load_dataset
-from .models import create_model, model_kwargs, resolve_device, save_checkpoint
-from .rundir import RunDir, RunDirError, write_json, write_text
-from .train import accuracy, seed_everything, train_model
+import numpy as np
+
+from .cluster import ConfusionClusterer, CovarianceAccumulator, clusters_to_json, errors_inside_clusters
+from .config import ConfigError, RunConfig, dump_config, load_config
+from .data import Dataset, DataError, load_dataset, read_text_csv, resolve_path
+from .models import create_model, load_checkpoint, model_kwargs, resolve_device, save_checkpoint
+from .report import format_summary, write_report
+from .rundir import RunDir, RunDirError, atomic_write, read_json, write_json, write_text
+from .train import accuracy, iter_logits, predict_logits, seed_everything, train_model
 
 Log = Callable[[str], None]
 
@@ -69,6 +73,128 @@ def train_generalist(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torc
         f"({metrics['test_errors']} errors of {len(dataset.test)}), best epoch {result.best_epoch}, "
         f"{result.seconds:.1f}s")
     return metrics
+
+
+# ---------------------------------------------------------------------------
+# clusters of confusable classes (section 5.3)
+
+COVARIANCE_FILE_MAX_CLASSES = 4000  # above this the (C, C) matrix is recomputed for a report, not stored
+
+
+def transfer_inputs(cfg: RunConfig, dataset: Dataset):
+    """The raw inputs the covariance is measured on: a split, or a user's unlabeled file."""
+    split = cfg.cluster.split
+    if split in ("val", "train", "test"):
+        return getattr(dataset, split).inputs
+    path = resolve_path(split)
+    if not path.is_file():
+        raise DataError(f"cluster.split={split!r}: not val/train/test and no such file")
+    if dataset.input_kind == "text":
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = handle.readline()
+        column = cfg.data.text_column
+        if column not in header:
+            raise DataError(f"cluster.split={split!r}: no column {column!r} (data.text_column)")
+        # read_text_csv wants a label column; reuse the text column for it (labels are not used)
+        texts, _ = read_text_csv(str(path), column, column, "cluster.split")
+        return texts
+    try:
+        inputs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cluster.split={split!r}: not a readable .npy array: {err}") from None
+    if tuple(inputs.shape[1:]) != dataset.input_shape:
+        raise DataError(f"cluster.split={split!r}: inputs have shape {inputs.shape}, the model expects "
+                        f"(N, {', '.join(map(str, dataset.input_shape))})")
+    return inputs
+
+
+def prediction_covariance(model: torch.nn.Module, inputs, batch_size: int, device: torch.device) -> np.ndarray:
+    """(C, C) covariance of the model's probabilities, streamed on `device` in batches."""
+    accumulator = CovarianceAccumulator(model.head.out_features, device)
+    for logits in iter_logits(model, model.encode(inputs), batch_size, device):
+        accumulator.update(torch.softmax(logits, dim=1))
+    return accumulator.covariance()
+
+
+def make_clusterer(cfg: RunConfig) -> ConfusionClusterer:
+    c = cfg.cluster
+    return ConfusionClusterer(
+        n_clusters=c.n_clusters or None,
+        classes_per_cluster=None if c.n_clusters else c.classes_per_cluster,
+        max_cluster_size=c.max_cluster_size or None, min_cluster_size=c.min_cluster_size,
+        overlap=c.overlap, overlap_ratio=c.overlap_ratio, normalize=c.normalize,
+        niter=c.niter, nredo=c.nredo, seed=cfg.seed,
+    )
+
+
+def validation_error_pairs(model: torch.nn.Module, dataset: Dataset, batch_size: int, device) -> np.ndarray:
+    """(E, 2) (true, predicted) class pairs of the model's validation errors."""
+    predicted = predict_logits(model, model.encode(dataset.val.inputs), batch_size, device).argmax(1)
+    wrong = predicted != dataset.val.labels
+    return np.stack([dataset.val.labels[wrong], predicted[wrong]], axis=1).astype(np.int64)
+
+
+def cluster_classes(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log) -> dict:
+    """Covariance of the generalist's probabilities -> K-means groups -> clusters.json."""
+    run.require(run.generalist / "model.safetensors", what="generalist")
+    if cfg.cluster.n_clusters > dataset.n_classes:
+        raise ConfigError(f"cluster.n_clusters={cfg.cluster.n_clusters} must be <= the number of classes "
+                          f"({dataset.n_classes})")
+    model = load_checkpoint(run.generalist, device)
+    inputs = transfer_inputs(cfg, dataset)
+    started = time.perf_counter()
+    cov = prediction_covariance(model, inputs, cfg.cluster.batch_size, device)
+    covariance_seconds = time.perf_counter() - started
+    try:
+        clusterer = make_clusterer(cfg).fit(cov)
+    except ValueError as err:  # settings that only fail against this C, e.g. max_cluster_size too small
+        raise ConfigError(f"cluster: {err}") from None
+    clusters = clusters_to_json(clusterer, dataset.classes)
+    clusters["split"] = cfg.cluster.split
+    clusters["examples"] = len(inputs)
+    if dataset.n_classes <= COVARIANCE_FILE_MAX_CLASSES:
+        atomic_write(run.root / "covariance.npy", lambda tmp: np.save(open(tmp, "wb"), cov.astype(np.float32)))
+    pairs = validation_error_pairs(model, dataset, cfg.train.eval_batch_size, device)
+    share = errors_inside_clusters(pairs[:, 0], pairs[:, 1], clusterer.groups_) if len(pairs) else float("nan")
+    write_json(run.clusters, clusters)
+    sizes = [len(g) for g in clusterer.groups_]
+    log(format_summary(dataset.n_classes, clusterer.groups_, uncovered=clusterer.uncovered_, error_pairs=pairs))
+    metrics = {"groups": len(sizes), "min_size": min(sizes, default=0), "max_size": max(sizes, default=0),
+               "uncovered": len(clusterer.uncovered_), "val_errors_inside_clusters": share,
+               "covariance_seconds": round(covariance_seconds, 3)}
+    if dataset.planted_groups is not None:
+        from sklearn.metrics import adjusted_rand_score
+
+        planted = np.empty(dataset.n_classes, np.int64)
+        for g, members in enumerate(dataset.planted_groups):
+            planted[members] = g
+        metrics["planted_adjusted_rand"] = float(adjusted_rand_score(planted, np.asarray(clusters["assignment"])))
+    return metrics
+
+
+def write_run_report(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log) -> dict:
+    """`report/index.html` and `report/summary.md` from the run directory's files."""
+    run.require(run.clusters, what="cluster")
+    clusters = read_json(run.clusters)
+    covariance_file = run.root / "covariance.npy"
+    model = load_checkpoint(run.generalist, device)
+    if covariance_file.is_file():
+        cov = np.load(covariance_file, allow_pickle=False).astype(np.float64)
+    else:
+        cov = prediction_covariance(model, transfer_inputs(cfg, dataset), cfg.cluster.batch_size, device)
+    kind = "covariance" if cfg.cluster.normalize == "covariance" else "correlation"
+    if kind == "correlation":
+        from .cluster import correlation_from_covariance
+
+        cov = correlation_from_covariance(cov)
+    paths = write_report(
+        run.report, dataset.classes, cov, [g["classes"] for g in clusters["groups"]], matrix_kind=kind,
+        uncovered=clusters["uncovered"]["classes"],
+        error_pairs=validation_error_pairs(model, dataset, cfg.train.eval_batch_size, device),
+        metrics=run.read_metrics(), settings=clusters["settings"], title=f"specialists: {dataset.name}",
+    )
+    log(f"report: {paths['html']}")
+    return {"html": str(paths["html"])}
 
 
 def _stage_done(run: RunDir, section: str, key: str) -> bool:
@@ -122,7 +248,16 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
     else:
         _timed(run, "generalist", lambda: train_generalist(cfg, dataset, run, device, log, progress), "generalist")
 
+    if not cfg.cluster.enabled:
+        log("cluster: disabled (cluster.enabled=false)")
+    elif resume and _stage_done(run, "cluster", "groups") and run.clusters.is_file():
+        log("cluster: already done, skipped")
+    else:
+        _timed(run, "cluster", lambda: cluster_classes(cfg, dataset, run, device, log), "cluster")
+
     run.update_metrics({"timings": {"total": round(time.perf_counter() - started, 3)}})
+    if run.clusters.is_file():
+        _timed(run, "report", lambda: write_run_report(cfg, dataset, run, device, log))
     return run
 
 

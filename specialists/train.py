@@ -46,13 +46,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, inputs, batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
-    """(N, K) float32 logits of `inputs` (an Encoded* from `model.encode`)."""
+def iter_logits(model: nn.Module, inputs, batch_size: int = 1024, device: torch.device | str = "cpu"):
+    """Yield (B, K) float32 logits batch by batch, on `device` (memory O(B * K), not O(N * K))."""
     model.eval()
-    out = []
     for start in range(0, len(inputs), batch_size):
         index = np.arange(start, min(start + batch_size, len(inputs)))
-        out.append(model(*inputs.batch(index, device)).float().cpu())
+        yield model(*inputs.batch(index, device)).float()
+
+
+def predict_logits(model: nn.Module, inputs, batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, K) float32 logits of `inputs` (an Encoded* from `model.encode`)."""
+    out = [logits.cpu() for logits in iter_logits(model, inputs, batch_size, device)]
     if not out:
         return np.zeros((0, model.head.out_features), dtype=np.float32)
     return torch.cat(out).numpy()
