@@ -24,6 +24,18 @@ def _run(args: argparse.Namespace) -> None:
     print(f"\nrun directory: {run.root}\n{summary_table(run)}")
 
 
+def _cluster(args: argparse.Namespace) -> None:
+    from .pipeline import recluster
+
+    recluster(args.run_dir, args.overrides)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .pipeline import report_run
+
+    report_run(args.run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specialists", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=5")
     run.set_defaults(handler=_run)
+
+    cluster = commands.add_parser("cluster", help="(re)cluster the classes of a run's generalist; writes clusters.json")
+    cluster.add_argument("run_dir")
+    cluster.add_argument("overrides", nargs="*", metavar="cluster.key=value", help="e.g. cluster.n_clusters=12")
+    cluster.set_defaults(handler=_cluster)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/index.html and summary.md")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -132,19 +132,27 @@ class CovarianceAccumulator:
         if self.validate:
             self._check_batch(x, index)
 
-        mean_b = x.mean(dim=0, dtype=torch.float64)  # (C,)
-        xc = x - mean_b.to(x.dtype)  # (B, C) centred on the batch mean
-        m2_b = xc.T @ xc  # (C, C) in matmul_dtype
+        # Corrected two-pass scheme: centre on the float32 mean, then fold the
+        # (tiny) residual mean back in float64, so both the mean and M2 are
+        # accurate to float64 round-off of the residual, not of the data.
+        # (float64 reductions over the batch would cost ~10x the float32 ones.)
+        shift = x.mean(dim=0)  # (C,)
+        xc = x - shift  # (B, C)
+        resid = xc.sum(dim=0).to(torch.float64) / nb  # (C,), ~1e-7 * shift
+        m2_b = xc.T @ xc  # (C, C) in matmul_dtype: the O(B * C^2) part
         del xc
+        mean_b = shift.to(torch.float64) + resid
         if self._count == 0:
             self._mean = mean_b
             self._m2 = m2_b.to(torch.float64)
+            self._m2.addr_(resid, resid, alpha=-nb)  # M2 about the exact batch mean
         else:
             # Chan, Golub & LeVeque: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
             n_a, n = self._count, self._count + nb
             delta = mean_b - self._mean
             self._mean += delta * (nb / n)
             self._m2 += m2_b  # promotes to float64 in place
+            self._m2.addr_(resid, resid, alpha=-nb)
             self._m2.addr_(delta, delta, alpha=n_a * nb / n)
         self._count += nb
         return self
@@ -161,19 +169,18 @@ class CovarianceAccumulator:
             raise ValueError("no rows accumulated yet: call update() with a non-empty batch first")
 
     def _check_batch(self, x: torch.Tensor, index: int):
-        def where(mask):
-            r, c = (int(v) for v in torch.nonzero(mask)[0])
-            return r, c, f"batch {index}, row {r} (global row {self._count + r}), class {c}"
-
-        bad = ~torch.isfinite(x)
-        if bool(bad.any()):
-            r, c, at = where(bad)
-            raise ValueError(f"{at}: non-finite probability {float(x[r, c])}")
-        neg = x < 0
-        if bool(neg.any()):
-            r, c, at = where(neg)
-            raise ValueError(f"{at}: negative probability {float(x[r, c])}")
-        off = (x.sum(dim=1, dtype=torch.float64) - 1.0).abs()  # (B,)
+        # Fast path: one min/max pass (NaN propagates) and one row-sum pass;
+        # locate the offending entry only when something is wrong.
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0):
+            for mask, what in ((~torch.isfinite(x), "non-finite"), (x < 0, "negative")):
+                if bool(mask.any()):
+                    r, c = (int(v) for v in torch.nonzero(mask)[0])
+                    raise ValueError(
+                        f"batch {index}, row {r} (global row {self._count + r}), class {c}: "
+                        f"{what} probability {float(x[r, c])}"
+                    )
+        off = (x.sum(dim=1) - 1.0).abs()  # (B,)
         r = int(torch.argmax(off))
         if float(off[r]) > self.sum_tol:
             total = float(x[r].sum(dtype=torch.float64))

@@ -277,6 +277,33 @@ def summary_table(run: RunDir) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def recluster(run_dir: str | Path, overrides: list[str] = (), log: Log = print) -> RunDir:
+    """`specialists cluster RUN_DIR [cluster.k=v ...]`: new groups for an existing generalist."""
+    run = RunDir(run_dir)
+    run.require(run.generalist / "model.safetensors", what="generalist")
+    bad = [o for o in overrides if not o.startswith("cluster.")]
+    if bad:
+        raise ConfigError(f"specialists cluster only takes cluster.* overrides, got {bad}")
+    if run.specialists.is_dir() and any(run.specialists.iterdir()):
+        raise RunDirError(f"{run.root} already has specialists trained on its clusters; "
+                          "re-cluster in a new run (specialists run ... cluster.key=value)")
+    cfg, dataset = dataset_for_run(run)
+    cfg = load_config(run.config, list(overrides))
+    device = setup_torch(cfg)
+    _timed(run, "cluster", lambda: cluster_classes(cfg, dataset, run, device, log), "cluster")
+    write_text(run.config, dump_config(cfg))  # the config now says how clusters.json was made
+    _timed(run, "report", lambda: write_run_report(cfg, dataset, run, device, log))
+    return run
+
+
+def report_run(run_dir: str | Path, log: Log = print) -> RunDir:
+    """`specialists report RUN_DIR`: the HTML/Markdown report from a run directory."""
+    run = RunDir(run_dir)
+    cfg, dataset = dataset_for_run(run)
+    write_run_report(cfg, dataset, run, setup_torch(cfg), log)
+    return run
+
+
 def dataset_for_run(run: RunDir) -> tuple[RunConfig, Dataset]:
     """Reload a run's data exactly as the run saw it (same config, same seed)."""
     run.require(run.config, what="run")
