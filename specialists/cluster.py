@@ -54,15 +54,20 @@ class CovarianceAccumulator:
 
     Memory is O(C^2) whatever the number of rows. Each batch is centred on its
     own mean and multiplied in ``matmul_dtype`` (the O(B * C^2) part), then
-    merged into float64 running sums with Chan et al.'s parallel update (the
-    O(C^2) part). Centring before the product removes the cancellation that
-    makes ``E[pp^T] - E[p]E[p]^T`` inaccurate in float32, so the float32 product
-    loses nothing that matters (measured: max abs error ~1e-9 against float64
-    ``np.cov`` on probabilities) while running at the speed of the float32
-    matmul floor; ``matmul_dtype="float64"`` is there for the paranoid and costs
-    2x on CPU. On CUDA the float32 product uses TF32 when
-    ``torch.backends.cuda.matmul.allow_tf32`` is set; this class does not
-    change that global.
+    merged into float64 running sums with Chan, Golub & LeVeque's parallel
+    update (O(C^2) per batch). Centring before the product removes the
+    cancellation that ruins ``E[pp^T] - E[p]E[p]^T`` in float32 (a variance
+    of -5e-7 where the truth is +1e-8 for a class at 0.99 +- 1e-4, see the
+    tests), so the
+    float32 product keeps ~1e-7 relative accuracy (measured against float64
+    ``np.cov``) at the speed of the float32 matmul floor; the mean is good to
+    ~1e-6 relative. ``matmul_dtype="float64"`` costs 2x on CPU. Batches sorted
+    by class (very different means) are fine: the merge is exact.
+
+    On CUDA everything stays on the GPU: the float32 product uses TF32 if
+    ``torch.backends.cuda.matmul.allow_tf32`` is set (this class does not
+    touch that global; TF32 costs ~1e-4 relative), and the float64 running
+    sums are memory-bound adds, cheap next to the product.
 
     Parameters
     ----------
@@ -71,8 +76,8 @@ class CovarianceAccumulator:
         device of the first torch batch (CPU for numpy batches).
     matmul_dtype : "float32" or "float64", dtype of the per-batch product.
     sum_tol : rows whose sum differs from 1 by more than this are rejected.
-    validate : check every batch (finite, >= 0, rows sum to 1). Costs a pass
-        over the batch, negligible next to the product.
+    validate : check every batch (finite, >= 0, rows sum to 1 within
+        ``sum_tol``). Two passes over the batch, negligible next to the product.
 
     The covariance convention is the population one, ``np.cov(P, rowvar=False,
     bias=True)``: divide by N.
@@ -132,27 +137,22 @@ class CovarianceAccumulator:
         if self.validate:
             self._check_batch(x, index)
 
-        # Corrected two-pass scheme: centre on the float32 mean, then fold the
-        # (tiny) residual mean back in float64, so both the mean and M2 are
-        # accurate to float64 round-off of the residual, not of the data.
-        # (float64 reductions over the batch would cost ~10x the float32 ones.)
-        shift = x.mean(dim=0)  # (C,)
-        xc = x - shift  # (B, C)
-        resid = xc.sum(dim=0).to(torch.float64) / nb  # (C,), ~1e-7 * shift
+        # float32 reductions: a float64 one over the batch costs ~10x more on
+        # CPU, and the mean is already good to ~1e-7 relative (cascade sum).
+        mean_b = x.mean(dim=0)  # (C,)
+        xc = x - mean_b  # (B, C) centred: no cancellation in the product below
         m2_b = xc.T @ xc  # (C, C) in matmul_dtype: the O(B * C^2) part
         del xc
-        mean_b = shift.to(torch.float64) + resid
+        mean_b = mean_b.to(torch.float64)
         if self._count == 0:
             self._mean = mean_b
             self._m2 = m2_b.to(torch.float64)
-            self._m2.addr_(resid, resid, alpha=-nb)  # M2 about the exact batch mean
         else:
             # Chan, Golub & LeVeque: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
             n_a, n = self._count, self._count + nb
             delta = mean_b - self._mean
             self._mean += delta * (nb / n)
             self._m2 += m2_b  # promotes to float64 in place
-            self._m2.addr_(resid, resid, alpha=-nb)
             self._m2.addr_(delta, delta, alpha=n_a * nb / n)
         self._count += nb
         return self
@@ -228,21 +228,21 @@ def _check_covariance(cov) -> np.ndarray:
     """cov as a (C, C) float64 array, or a ValueError that shows what is wrong."""
     if isinstance(cov, torch.Tensor):
         cov = cov.detach().cpu().numpy()
-    cov = np.asarray(cov, dtype=np.float64)
+    cov = np.ascontiguousarray(cov, dtype=np.float64)
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"covariance must be a square (C, C) matrix, got shape {cov.shape}")
     if cov.shape[0] < 1:
         raise ValueError("covariance is empty (C=0)")
-    n = cov.shape[0]
-    rows = max(1, 2**22 // n)  # row blocks: no (C, C) temporaries
-    scale = max(float(np.abs(cov[i : i + rows]).max()) for i in range(0, n, rows))
-    if not np.isfinite(scale):
+    t = torch.from_numpy(cov)  # shares memory; torch scans with all threads
+    lo, hi = (float(v) for v in torch.aminmax(t))  # NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         i, j = np.argwhere(~np.isfinite(cov))[0]
         raise ValueError(f"covariance has a non-finite entry {cov[i, j]} at ({i}, {j})")
-    for i in range(0, n, rows):
-        asym = np.abs(cov[i : i + rows] - cov[:, i : i + rows].T)
-        r, j = np.unravel_index(int(np.argmax(asym)), asym.shape)
-        if asym[r, j] > 1e-6 * scale + 1e-12:
+    tol = 1e-6 * max(abs(lo), abs(hi)) + 1e-12
+    for i, rows in _blocks(cov.shape[0]):
+        asym = (t[rows] - t[:, rows].T).abs_()  # (b, C), no (C, C) temporary
+        r, j = divmod(int(torch.argmax(asym)), cov.shape[0])
+        if float(asym[r, j]) > tol:
             r += i
             raise ValueError(
                 f"covariance is not symmetric: cov[{r}, {j}]={cov[r, j]:.6g} but cov[{j}, {r}]={cov[j, r]:.6g}"
@@ -250,52 +250,80 @@ def _check_covariance(cov) -> np.ndarray:
     return cov
 
 
+def _blocks(n: int, elements: int = 2**22):
+    """(start, slice) over row blocks of an (n, n) matrix, ~``elements`` each."""
+    step = max(1, elements // n)
+    for i in range(0, n, step):
+        yield i, slice(i, min(n, i + step))
+
+
 # ----------------------------------------------------------------------------
 # Clustering
 # ----------------------------------------------------------------------------
 
 
-def _features(cov: np.ndarray, normalize: str) -> np.ndarray:
-    """(C, C) float32 points to cluster: row i describes class i.
+def _features(cov: np.ndarray, normalize: str, device: torch.device) -> torch.Tensor:
+    """(C, C) float32 points to cluster, on device: row i describes class i.
 
     The covariance is symmetric, so row i is column i: how class i's predicted
-    probability co-varies with every class.
+    probability co-varies with every class. Scaling is done in float64 block by
+    block, so tiny variances neither underflow nor need a float64 (C, C) copy.
     """
-    if normalize == "covariance":
-        x = cov
-    elif normalize == "correlation":
-        x = _correlation(cov)
-    else:  # "l2": unit-length columns, compared by angle (spherical K-means)
-        x = cov.copy()
-        norms = np.linalg.norm(x, axis=1)  # (C,)
-        dead = norms == 0
-        x[~dead] /= norms[~dead, None]
+    t = torch.from_numpy(cov)  # (C, C) float64, shared
+    n = cov.shape[0]
+    row_scale = col_scale = None
+    if normalize == "correlation":
+        sd = torch.from_numpy(np.sqrt(np.clip(np.diag(cov), 0.0, None)))
+        row_scale = col_scale = torch.where(sd > 0, 1.0 / sd, 0.0)
+    elif normalize == "l2":  # unit-length columns, compared by angle
+        norms = torch.linalg.vector_norm(t, dim=1)
+        row_scale = torch.where(norms > 0, 1.0 / norms, 0.0)
+    x = torch.empty((n, n), dtype=torch.float32, device=device)
+    for _, rows in _blocks(n):
+        block = t[rows]
+        if row_scale is not None:
+            block = block * row_scale[rows, None]
+        if col_scale is not None:
+            block = block * col_scale[None, :]
+        x[rows] = block.to(device=device, dtype=torch.float32)
+    if normalize == "correlation":
+        x.clamp_(-1.0, 1.0).fill_diagonal_(1.0)
+    elif normalize == "l2":
         # A class with zero variance co-varies with nothing: only with itself.
-        x[dead] = 0.0
-        x[dead, np.flatnonzero(dead)] = 1.0
-    return np.ascontiguousarray(x, dtype=np.float32)
+        dead = torch.nonzero(norms == 0).flatten().to(device)
+        x[dead, dead] = 1.0
+    return x
 
 
-def _project(x: np.ndarray, rank: int, *, seed: int, device: str = "cpu", n_iter: int = 4) -> np.ndarray:
-    """(C, rank) float32 coordinates of the rows of x in their top-``rank``
-    right singular subspace: x @ V_r, the best rank-``rank`` approximation of
+def _project(a: torch.Tensor, rank: int, *, seed: int, symmetric: bool, n_iter: int = 2) -> torch.Tensor:
+    """(C, rank) coordinates of the rows of a (C, C) in their top-``rank``
+    right singular subspace, a @ V_r: the rank-``rank`` view that best keeps
     the distances between rows.
 
     Randomised subspace iteration (Halko, Martinsson & Tropp, 2011) with
-    ``n_iter`` power steps: O(C^2 * rank) instead of the O(C^3) of an exact SVD.
+    ``n_iter`` power steps, O(C^2 * rank) instead of the O(C^3) of an exact
+    SVD. For a symmetric a (covariance, correlation) the right singular
+    vectors are eigenvectors, and a Rayleigh-Ritz step needs n_iter + 2
+    products with a instead of 2 * n_iter + 3.
     """
+    n = a.shape[1]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    a = torch.from_numpy(x).to(device)  # (C, C)
-    width = min(x.shape[1], rank + 10)  # oversampling
-    q = torch.randn(x.shape[1], width, generator=gen).to(device)  # (C, width)
+    width = min(n, rank + 10)  # oversampling
+    q = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)  # (C, width)
     q, _ = torch.linalg.qr(a @ q)
+    if symmetric:
+        for _ in range(n_iter):
+            q, _ = torch.linalg.qr(a @ q)
+        aq = a @ q  # (C, width)
+        t = q.T @ aq  # (width, width) = Q^T A Q
+        evals, evecs = torch.linalg.eigh(0.5 * (t + t.T))
+        top = torch.argsort(evals.abs(), descending=True)[:rank]
+        return aq @ evecs[:, top]  # A U_r with U = Q W
     for _ in range(n_iter):
         q, _ = torch.linalg.qr(a.T @ q)
         q, _ = torch.linalg.qr(a @ q)
-    b = q.T @ a  # (width, C): a ~= q @ b
-    _, _, vt = torch.linalg.svd(b, full_matrices=False)
-    z = a @ vt[:rank].T  # (C, rank)
-    return np.ascontiguousarray(z.cpu().numpy(), dtype=np.float32)
+    _, _, vt = torch.linalg.svd(q.T @ a, full_matrices=False)  # a ~= q @ (q^T a)
+    return a @ vt[:rank].T
 
 
 def _sq_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -489,15 +517,15 @@ class ConfusionClusterer:
         n_classes = cov.shape[0]
         k = self._resolve_k(n_classes)
         gpu = self._gpu()
-        x = _features(cov, self.normalize)  # (C, C) float32, row i = class i
+        device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        x = _features(cov, self.normalize, device)  # (C, C) float32, row i = class i
         del cov
         n_components = min(n_classes, k if self.n_components is None else int(self.n_components))
         if n_components < n_classes:
-            device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-            x = _project(x, n_components, seed=int(self.seed), device=device)  # (C, r)
+            x = _project(x, n_components, seed=int(self.seed), symmetric=self.normalize != "l2")  # (C, r)
         if self.normalize == "l2":
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            x = np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        x = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
 
         kmeans = faiss.Kmeans(
             x.shape[1],

@@ -156,7 +156,7 @@ class ClusterConfig:
     min_cluster_size: int = 2
     overlap: int = 1  # a class may join up to this many groups (1: disjoint)
     overlap_ratio: float = 1.5
-    normalize: str = "correlation"  # correlation | l2 | covariance
+    normalize: str = "l2"  # l2 (spherical K-means on unit columns) | correlation | covariance
     niter: int = 25
     nredo: int = 5
     batch_size: int = 4096
@@ -178,6 +178,75 @@ class ClusterConfig:
         _require(bool(self.split), f"{prefix}.split", self.split, "must be val, train, test or a file path")
 
 
+DUSTBIN_CORRECTIONS = ("prior", "paper", "none")
+
+
+@dataclass(frozen=True)
+class SpecialistsConfig:
+    """One specialist per cluster (paper sections 5.2 and 6.1), all trained on Ray.
+
+    A specialist starts from the generalist's weights with a head over its
+    classes plus a dustbin, sees an enriched epoch (`special_fraction` of it
+    from its own classes, re-drawn each epoch) and is regularised towards the
+    generalist's soft targets. Zero / -1 schedule values inherit `train`.
+    """
+
+    enabled: bool = True
+    special_fraction: float = 0.5  # share of each epoch drawn from the specialist's own classes
+    soft_weight: float = 0.5  # weight of the generalist's soft targets; the labels get 1 - this
+    temperature: float = 2.0  # T of the soft targets (the soft term is T^2-scaled)
+    # prior: soft targets moved into the enriched prior while training, dustbin logit corrected after (exact);
+    # paper: the paper's recipe, unmoved soft targets and the same correction; none: no correction
+    dustbin_correction: str = "prior"
+    epochs: int = 0  # 0: train.epochs
+    batch_size: int = 0  # 0: train.batch_size
+    lr: float = 0.0  # 0: train.lr
+    patience: int = -1  # -1: train.patience; 0: never stop early
+    widen: float = 1.0  # hidden widths x this; the extra units start with zero outgoing weights
+
+    def validate(self, prefix: str = "specialists") -> None:
+        _require(0 < self.special_fraction < 1, f"{prefix}.special_fraction", self.special_fraction,
+                 "must be in (0, 1): the rest of each epoch comes from the other classes")
+        _require(0 <= self.soft_weight <= 1, f"{prefix}.soft_weight", self.soft_weight, "must be in [0, 1]")
+        _require(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
+        _require(self.dustbin_correction in DUSTBIN_CORRECTIONS, f"{prefix}.dustbin_correction",
+                 self.dustbin_correction, f"must be one of {DUSTBIN_CORRECTIONS}")
+        _require(self.epochs >= 0, f"{prefix}.epochs", self.epochs, "must be >= 0 (0 = train.epochs)")
+        _require(self.batch_size >= 0, f"{prefix}.batch_size", self.batch_size, "must be >= 0 (0 = train.batch_size)")
+        _require(self.lr >= 0, f"{prefix}.lr", self.lr, "must be >= 0 (0 = train.lr)")
+        _require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
+        _require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the specialists train: a local Ray instance (default) or an existing cluster."""
+
+    address: str = ""  # "": a local instance, or the cluster in $RAY_ADDRESS; "auto" | "host:port" | "ray://host:port"
+    num_cpus: int = 0  # local instance only: CPUs Ray may use; 0 = all of this machine's
+    cpus_per_task: float = 1.0  # per specialist; its torch threads = max(1, floor(this))
+    gpus_per_task: float = 0.0  # per specialist; > 0 trains it on CUDA (0.5: two share a GPU)
+    max_retries: int = 3  # re-runs of a specialist whose worker died (killed, out of memory, node lost); -1 = forever
+    retry_exceptions: bool = False  # also re-run one whose code raised (off: a raised error repeats)
+    connect_timeout_s: float = 10.0  # how long `address` may take to answer before it is an error
+
+    def validate(self, prefix: str = "ray") -> None:
+        address = self.address.strip()
+        if address not in ("", "auto"):
+            hostport = address[len("ray://"):] if address.startswith("ray://") else address
+            host, _, port = hostport.rpartition(":")
+            _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"{prefix}.address", self.address,
+                     "must be empty (local), 'auto', 'host:port' or 'ray://host:port'")
+        _require(self.num_cpus >= 0, f"{prefix}.num_cpus", self.num_cpus, "must be >= 0 (0 = all)")
+        _require(self.cpus_per_task > 0, f"{prefix}.cpus_per_task", self.cpus_per_task, "must be > 0")
+        _require(self.num_cpus == 0 or self.cpus_per_task <= self.num_cpus, f"{prefix}.cpus_per_task",
+                 self.cpus_per_task, f"must be <= ray.num_cpus={self.num_cpus}, or no specialist could start")
+        _require(0 <= self.gpus_per_task <= 1, f"{prefix}.gpus_per_task", self.gpus_per_task,
+                 "must be in [0, 1]: a specialist trains on one device (0.5: two share a GPU)")
+        _require(self.max_retries >= -1, f"{prefix}.max_retries", self.max_retries, "must be >= -1 (-1 = forever)")
+        _require(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "must be > 0")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything `specialists run` needs."""
@@ -189,6 +258,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
@@ -198,6 +269,8 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.cluster.validate()
+        self.specialists.validate()
+        self.ray.validate()
 
 
 # ---------------------------------------------------------------------------

@@ -284,3 +284,63 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
 def read_checkpoint_extra(folder: str | Path) -> dict:
     spec = json.loads((Path(folder) / "model.json").read_text())
     return spec.get("extra", {})
+
+
+# ---------------------------------------------------------------------------
+# specialists: the generalist's network with a head over some classes plus a dustbin
+
+
+def with_dustbin_head(generalist: nn.Module, classes, widen: float = 1.0) -> nn.Module:
+    """A new model of the generalist's kind whose head covers `classes` plus one dustbin.
+
+    classes: (k,) distinct class ids of the generalist's head. The returned
+    head has k + 1 rows: row j < k is the generalist's row `classes[j]`
+    (weights and bias copied), row k, the dustbin, stands for the C - k other
+    classes: the mean of their rows, with log(C - k) added to the bias, so its
+    logit is the mean of theirs plus log(C - k), the log-sum-exp of their
+    logits when those are equal (and a lower bound on it otherwise).
+
+    Every other weight is copied from the generalist. `widen` > 1 multiplies the
+    hidden widths; each added unit gets fresh (seeded by the caller's torch
+    seed) incoming weights and zero outgoing weights, so the widened network
+    starts out computing exactly what the narrow one does.
+    """
+    spec = getattr(generalist, "spec", None)
+    if spec is None:
+        raise ValueError("generalist has no .spec: build it with create_model or load_checkpoint")
+    n_classes = generalist.head.out_features
+    cls = [int(c) for c in classes]
+    if not cls or len(set(cls)) != len(cls) or min(cls) < 0 or max(cls) >= n_classes:
+        raise ValueError(f"classes={cls[:10]} must be distinct ids in [0, {n_classes})")
+    if len(cls) >= n_classes:
+        raise ValueError(f"classes cover all {n_classes} classes: a dustbin needs at least one class outside them")
+    if widen < 1:
+        raise ValueError(f"widen={widen} must be >= 1")
+    kwargs = dict(spec["kwargs"], n_classes=len(cls) + 1)
+    if "hidden" in kwargs:
+        kwargs["hidden"] = [max(1, int(round(h * widen))) for h in kwargs["hidden"]]
+    model = create_model(spec["name"], **kwargs)
+
+    old = generalist.state_dict()
+    index = torch.tensor(cls)
+    other = torch.ones(n_classes, dtype=torch.bool)
+    other[index] = False
+    head_w = torch.cat([old["head.weight"][index], old["head.weight"][other].mean(0, keepdim=True)])  # (k+1, width)
+    head_b = torch.cat([old["head.bias"][index],
+                        old["head.bias"][other].mean(0, keepdim=True) + float(np.log(int(other.sum())))])
+    old = {**old, "head.weight": head_w, "head.bias": head_b}
+    new = model.state_dict()
+    with torch.no_grad():
+        for name, target in new.items():
+            source = old[name].to(target.dtype)
+            if source.shape == target.shape:
+                target.copy_(source)
+                continue
+            # widened: the generalist's block in the leading corner, and the extra
+            # inputs of a Linear (the added units of the layer below) get zero weight
+            block = tuple(slice(0, s) for s in source.shape)
+            target[block] = source
+            if target.ndim == 2 and target.shape[1] > source.shape[1]:
+                target[:, source.shape[1]:] = 0
+    model.load_state_dict(new)
+    return model
