@@ -8,8 +8,9 @@
 __version__ = "0.1.0"
 
 
-def load(run_dir, device="auto"):
-    """Load a run directory for prediction; see `specialists.ensemble.SpecialistsModel`."""
+def load(run_dir, device="auto", **options):
+    """Load a run directory for prediction (options: top_n, dustbin, use_specialists);
+    see `specialists.ensemble.SpecialistsModel`."""
     from .ensemble import load as _load  # keep `import specialists` light: torch loads on first use
 
-    return _load(run_dir, device)
+    return _load(run_dir, device, **options)

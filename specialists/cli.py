@@ -9,8 +9,9 @@ from .config import ConfigError, load_config
 from .data import DataError
 from .models import CheckpointError
 from .rundir import RunDirError
+from .teach import DistillError
 
-USER_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError, DistillError)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -30,10 +31,30 @@ def _cluster(args: argparse.Namespace) -> None:
     recluster(args.run_dir, args.overrides)
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .pipeline import evaluate_command, summary_table
+
+    run = evaluate_command(args.run_dir)
+    print(summary_table(run))
+
+
 def _report(args: argparse.Namespace) -> None:
     from .pipeline import report_run
 
     report_run(args.run_dir)
+
+
+def _distill(args: argparse.Namespace) -> None:
+    import json
+
+    from .rundir import RunDir
+    from .teach import load_distill_config, run_distill, summary
+
+    # --teacher RUN_DIR (repeatable) is teacher.runs; later key=value overrides still win
+    teachers = [f"teacher.runs={json.dumps(args.teacher)}"] if args.teacher else []
+    cfg = load_distill_config(args.config, [*teachers, *args.overrides])
+    out = run_distill(cfg, args.out, progress=not args.quiet)
+    print(f"\ndistil directory: {out.root}\n{summary(RunDir(out.root))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("overrides", nargs="*", metavar="cluster.key=value", help="e.g. cluster.n_clusters=12")
     cluster.set_defaults(handler=_cluster)
 
+    evaluate = commands.add_parser("evaluate", help="test accuracy of generalist + specialists vs the generalist")
+    evaluate.add_argument("run_dir")
+    evaluate.set_defaults(handler=_evaluate)
+
     report = commands.add_parser("report", help="write RUN_DIR/report/index.html and summary.md")
     report.add_argument("run_dir")
     report.set_defaults(handler=_report)
+
+    distill = commands.add_parser("distill", help="distil a teacher (trained here, or runs' models) into a student")
+    distill.add_argument("--config", help="YAML file overriding the defaults (e.g. configs/distill_mnist.yaml)")
+    distill.add_argument("--out", help="directory to create (default: runs/distill-<time>)")
+    distill.add_argument("--teacher", action="append", metavar="RUN_DIR",
+                         help="a run whose combined generalist+specialists distribution teaches (repeat for an "
+                              "ensemble); the student gets the generalist's size")
+    distill.add_argument("--quiet", action="store_true", help="no progress bars")
+    distill.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. student.temperature=20")
+    distill.set_defaults(handler=_distill)
     return parser
 
 

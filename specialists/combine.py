@@ -26,6 +26,7 @@ that cover all classes its minimiser is the normalised weighted geometric mean.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ def active_specialists(
     if not 1 <= top_n <= n_classes:
         raise ValueError(f"top_n={top_n} must be in [1, n_classes={n_classes}]")
     layout = _Layout.build(specialist_classes, n_classes, general.device)
-    mix = torch.einsum("g,gnc->nc", weights.to(general.dtype), general)
+    mix = _mix(general, weights)
     top = mix.topk(top_n, dim=1).indices  # (N, top_n)
     member = layout.pos >= 0  # (M, C)
     return member[:, top].any(-1).T.contiguous()  # (M, N, top_n) -> (N, M)
@@ -89,7 +90,7 @@ def arithmetic_mean(probs: Tensor, weights: Tensor | None = None) -> Tensor:
     probs = _as_general(probs, "probs")
     weights = _check_weights("weights", weights, probs.shape[0], probs.device)
     _check_general(probs, weights, "probs", "weights")
-    mix = torch.einsum("g,gnc->nc", weights.to(probs.dtype), probs)
+    mix = _mix(probs, weights)
     return mix / mix.sum(1, keepdim=True)
 
 
@@ -226,15 +227,17 @@ def solve_reference(
     specialist_weights: Tensor | None = None,
     *,
     mean: str = "arithmetic",
-    steps: int = 2000,
-    lr: float = 0.1,
-    polish_steps: int = 300,
+    steps: int = 200,
+    lr: float = 0.3,
+    polish_steps: int = 1000,
 ) -> Tensor:
     """Minimise J by gradient descent on the logits of q, as the paper does; (N, C).
 
-    Float64 Adam from uniform q, `steps` steps with a cosine learning rate from
-    `lr` to 0, then up to `polish_steps` L-BFGS iterations. Slow (O(steps N C M));
-    for tests and benchmarks of the exact solvers.
+    Float64, from uniform q: `steps` Adam steps on all examples at once (cosine
+    learning rate from `lr` to 0), then up to `polish_steps` L-BFGS iterations
+    on each example alone (one L-BFGS over the whole batch shares its step
+    sizes and curvature pairs across examples and stalls). Slow: for tests and
+    benchmarks of the exact solvers.
     """
     _check_mean(mean)
     problem = _Problem.build_dense(
@@ -243,30 +246,41 @@ def solve_reference(
     )
     shape = (problem.n_examples, problem.n_classes)
     logits = torch.zeros(shape, dtype=torch.float64, device=problem.device, requires_grad=True)
-
-    def loss() -> Tensor:
-        return _objective(torch.softmax(logits, dim=1), problem, mean).sum()
-
     adam = torch.optim.Adam([logits], lr=lr)
     for step in range(steps):
         adam.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         adam.zero_grad()
-        loss().backward()
+        _objective(_softmax(logits), problem, mean).sum().backward()
         adam.step()
+    logits = logits.detach()
     if polish_steps > 0:
-        lbfgs = torch.optim.LBFGS(
-            [logits], lr=1, max_iter=polish_steps, history_size=50,
-            tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe",
-        )
+        for i in range(problem.n_examples):
+            logits[i] = _lbfgs_logits(logits[i : i + 1], problem.row(i), mean, polish_steps)[0]
+    return _softmax(logits).to(problem.general.dtype)
 
-        def closure() -> Tensor:
-            lbfgs.zero_grad()
-            value = loss()
-            value.backward()
-            return value
 
-        lbfgs.step(closure)
-    return torch.softmax(logits.detach(), dim=1).to(problem.general.dtype)
+def _softmax(logits: Tensor) -> Tensor:
+    """Row softmax, written out: torch.softmax is ~20x slower on small CPU batches."""
+    e = torch.exp(logits - logits.detach().amax(1, keepdim=True))
+    return e / e.sum(1, keepdim=True)
+
+
+def _lbfgs_logits(logits: Tensor, problem: _Problem, mean: str, max_iter: int) -> Tensor:
+    """L-BFGS on the logits (N, C) of q from the given start; returns the final logits."""
+    logits = logits.clone().requires_grad_()
+    lbfgs = torch.optim.LBFGS(
+        [logits], lr=1, max_iter=max_iter, history_size=30,
+        tolerance_grad=1e-11, tolerance_change=1e-15, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        lbfgs.zero_grad()
+        value = _objective(_softmax(logits), problem, mean).sum()
+        value.backward()
+        return value
+
+    lbfgs.step(closure)
+    return logits.detach()
 
 
 def iterate_mm(
@@ -286,15 +300,19 @@ def iterate_mm(
 
     This is EM for the coarsened labels; J never increases, the rate is linear.
     """
-    problem = _Problem.build_dense(
+    problem = _Problem.build_dense(  # validate now, not at the first next()
         general_probs, specialist_probs, specialist_classes, active,
         general_weights, specialist_weights,
     )
+    return _mm_iterates(problem)
+
+
+def _mm_iterates(problem: _Problem) -> Iterator[Tensor]:
     n, n_classes = problem.n_examples, problem.n_classes
     b = torch.einsum("g,gnc->nc", problem.general_weights, problem.general.double())
     total = b.sum(1)  # (N,) W
     dustbins = []  # (rows, outside mask (C,), a (P,)) of specialists with a dustbin mass
-    for m, (rows, probs, classes) in enumerate(problem.specialists()):
+    for m, rows, probs, classes in problem.specialists():
         weight = problem.specialist_weights[m]
         probs = probs.double()
         b[rows[:, None], classes[None, :]] += weight * probs[:, :-1]
@@ -356,7 +374,7 @@ def _check_probs(name: str, probs: Tensor, where) -> None:
     """
     if probs.numel() == 0:
         return
-    sums = probs.sum(-1, dtype=torch.float64)
+    sums = probs.sum(-1).double()  # in probs' dtype: a float64 copy of probs would cost a pass
     if not torch.isfinite(sums).all():
         bad = (~torch.isfinite(probs)).nonzero()[0]
         value = probs[tuple(bad)].item()
@@ -486,10 +504,20 @@ class _Problem:
         return self.general.shape[2]
 
     def specialists(self):
-        """(rows, probs, classes) of each specialist, skipping empty and zero-weight ones."""
+        """(m, rows, probs, classes) of each specialist, skipping empty and zero-weight ones."""
         for m, (rows, probs) in enumerate(zip(self.rows, self.probs)):
             if rows.numel() and self.specialist_weights[m] > 0:
-                yield rows, probs, self.layout.classes[m, : probs.shape[1] - 1]
+                yield m, rows, probs, self.layout.classes[m, : probs.shape[1] - 1]
+
+    def row(self, i: int) -> _Problem:
+        """The problem of example i alone (N = 1)."""
+        rows, probs = [], []
+        for r, p in zip(self.rows, self.probs):
+            hit = r == i
+            rows.append(torch.zeros(int(hit.sum()), dtype=torch.long, device=self.device))
+            probs.append(p[hit])
+        return _Problem(self.general[:, i : i + 1], self.general_weights, probs, rows, self.layout,
+                        self.specialist_weights)
 
     @staticmethod
     def build_dense(general_probs, specialist_probs, specialist_classes, active,
@@ -567,8 +595,8 @@ def _check_rows(rows: list, n: int) -> None:
 
 
 def _kl(p: Tensor, q: Tensor) -> Tensor:
-    """KL(p || q) along the last axis with 0 log 0 = 0."""
-    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
+    """KL(p || q) along the last axis with 0 log 0 = 0 (and a finite gradient there)."""
+    return (torch.xlogy(p, p.clamp_min(_TINY)) - torch.xlogy(p, q)).sum(-1)
 
 
 def _objective(q: Tensor, problem: _Problem, mean: str) -> Tensor:
@@ -580,7 +608,7 @@ def _objective(q: Tensor, problem: _Problem, mean: str) -> Tensor:
     general = problem.general[keep].double()
     kl = _kl(general, q_log[None]) if forward else _kl(q[None], general)  # (G, N)
     total = problem.general_weights[keep] @ kl
-    for m, (rows, probs, classes) in enumerate(problem.specialists()):
+    for m, rows, probs, classes in problem.specialists():
         q_rows = q[rows]  # (P, C)
         outside = torch.ones(problem.n_classes, dtype=torch.bool, device=q.device)
         outside[classes] = False
@@ -610,7 +638,7 @@ def _solve_geometric(problem: _Problem) -> Tensor:
     log_mix = torch.einsum("g,gnc->nc", problem.general_weights[keep], problem.general[keep].double().log())
     total = torch.full((problem.n_examples,), problem.general_weights.sum().item(),
                        dtype=torch.float64, device=problem.device)
-    for m, (rows, probs, classes) in enumerate(problem.specialists()):
+    for m, rows, probs, classes in problem.specialists():
         if len(classes) != problem.n_classes:
             raise ValueError(
                 f"mean='geometric' needs models over all classes; specialist {m} covers "
@@ -626,18 +654,27 @@ def _solve_geometric(problem: _Problem) -> Tensor:
 # exact solver of the arithmetic (forward KL) objective
 
 
+def _mix(general: Tensor, weights: Tensor) -> Tensor:
+    """sum_g w_g p_g: (G, N, C), (G,) -> a new (N, C) tensor in general's dtype."""
+    weights = weights.tolist()
+    mix = general[0] * weights[0]
+    for g in range(1, len(weights)):
+        mix.add_(general[g], alpha=weights[g])
+    return mix
+
+
 def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
     general, layout = problem.general, problem.layout
     dtype, device = general.dtype, general.device
     n, n_classes = problem.n_examples, problem.n_classes
-    q = torch.einsum("g,gnc->nc", problem.general_weights.to(dtype), general)  # (N, C) b of the generalists
+    q = _mix(general, problem.general_weights)  # (N, C) b of the generalists
 
     # Pairs (example, active specialist), sorted by example, then laid out as
     # slots: row i of the active examples holds its K <= k_slots specialists.
     pair_m = [m for m, (rows, _) in enumerate(zip(problem.rows, problem.probs))
               if rows.numel() and problem.specialist_weights[m] > 0]
     if not pair_m:
-        return q / q.sum(1, keepdim=True, dtype=torch.float64).to(dtype)
+        return q / q.sum(1, keepdim=True)
     k_max = int(layout.sizes[pair_m].max())
     pair_row = torch.cat([problem.rows[m] for m in pair_m])
     pair_spec = torch.cat([torch.full_like(problem.rows[m], m) for m in pair_m])
@@ -673,27 +710,34 @@ def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
 
     # Generalist mass on the active classes; zeroing it in q leaves q summing
     # to the mass outside them, B_out, free of cancellation.
-    example_idx = examples[:, None, None].expand_as(classes)
-    general_union = torch.where(entry_valid, q[example_idx, classes].double(), 0.0)  # (Na, K, k_max)
-    q.index_put_((example_idx[entry_valid], classes[entry_valid]), torch.zeros((), dtype=dtype, device=device))
-    b_out = q.sum(1, dtype=torch.float64)  # (N,)
+    entries = entry_valid.nonzero(as_tuple=True)  # the valid (example, slot, position) triples
+    at = (examples[entries[0]], classes[entries])  # q[at]: the active classes of each example
+    general_union = torch.zeros(classes.shape, dtype=torch.float64, device=device)  # (Na, K, k_max)
+    general_union[entries] = q[at].double()
+    q[at] = 0
+    b_out = q.sum(1).double()  # (N,); summing in q's dtype avoids a float64 copy of q
 
     scale = 1 / b_out  # (N,) multiplies the generalist mass on classes outside every active specialist
     shift = torch.zeros_like(b_out)  # (N,) added to those classes (floor of a degenerate row)
     values = torch.zeros_like(general_union)  # (Na, K, k_max) q on the active classes
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (k_slots * k_slots * k_max))
-    for start in range(0, len(examples), rows_per_chunk):
-        chunk = slice(start, start + rows_per_chunk)
-        ex = examples[chunk]
-        values[chunk], scale[ex], shift[ex] = _solve_chunk(
-            layout, pair_in, n_classes, tol, max_iter,
-            spec[chunk], valid[chunk], slot_pair[chunk], weight[chunk], dust[chunk],
-            classes[chunk], entry_valid[chunk], general_union[chunk], b_out[ex], spec_total[chunk],
-        )
+    # Examples with K active specialists are solved together, so that work
+    # grows with K^2 per example, not with the largest K in the batch.
+    n_slots = counts[examples]  # (Na,)
+    for k in n_slots.unique().tolist():
+        group = (n_slots == k).nonzero().squeeze(1)
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // (k * k * k_max))
+        for start in range(0, len(group), rows_per_chunk):
+            i = group[start: start + rows_per_chunk]
+            ex = examples[i]
+            values[i, :k], scale[ex], shift[ex] = _solve_chunk(
+                layout, pair_in, n_classes, tol, max_iter,
+                spec[i, :k], valid[i, :k], slot_pair[i, :k], weight[i, :k], dust[i, :k],
+                classes[i, :k], entry_valid[i, :k], general_union[i, :k], b_out[ex], spec_total[i],
+            )
     q.mul_(scale.to(dtype)[:, None])
     if (shift > 0).any():
         q.add_(shift.to(dtype)[:, None])
-    q.index_put_((example_idx[entry_valid], classes[entry_valid]), values[entry_valid].to(dtype))
+    q[at] = values[entries].to(dtype)
     return q
 
 
@@ -844,4 +888,7 @@ def _newton(b, member, b_out, total, a, tol, max_iter):
             alpha = torch.where(pending, alpha / 2, alpha)
         tiny = (alpha[:, None] * step).abs() <= 4 * torch.finfo(a.dtype).eps * r_live
         live = live[~(done | pending | tiny.all(1))]
+    if len(live):
+        warnings.warn(f"combine.solve: {len(live)} examples not converged to tol={tol} in max_iter={max_iter}",
+                      RuntimeWarning, stacklevel=4)
     return r

@@ -21,9 +21,11 @@ from .cluster import ConfusionClusterer, CovarianceAccumulator, clusters_to_json
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .data import Dataset, DataError, load_dataset, read_text_csv, resolve_path
 from .models import create_model, load_checkpoint, model_kwargs, resolve_device, save_checkpoint
+from .parallel import train_specialists
 from .report import format_summary, write_report
 from .rundir import RunDir, RunDirError, atomic_write, read_json, write_json, write_text
-from .train import accuracy, iter_logits, predict_logits, seed_everything, train_model
+from .specialist import specialists_done
+from .train import accuracy, iter_logits, predict_logits, predict_proba, seed_everything, train_model
 
 Log = Callable[[str], None]
 
@@ -197,6 +199,80 @@ def write_run_report(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torc
     return {"html": str(paths["html"])}
 
 
+# ---------------------------------------------------------------------------
+# evaluation of the combination (section 5.4, the paper's Tables 3-4)
+
+
+def _conditional_correct(probs: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(N,) whether the argmax over each example's allowed classes (masks, (N, C) bool) is its label."""
+    return np.where(masks, probs, -np.inf).argmax(1) == labels
+
+
+def evaluate_run(run: RunDir, dataset: Dataset, device: torch.device, log: Log) -> dict:
+    """Test accuracy of generalist + specialists against the generalist alone, like Tables 3-4."""
+    from .ensemble import SpecialistsModel
+
+    model = SpecialistsModel(run.root, device)
+    labels = dataset.test.labels
+    general_probs = predict_proba(model.generalist, model.generalist.encode(dataset.test.inputs), 1024, device)
+    general_correct = general_probs.argmax(1) == labels
+    if not model.specialists:
+        log("evaluate: no finished specialists; the model is the generalist alone")
+        return {"mode": model.mode, "test_accuracy": float(general_correct.mean()),
+                "generalist_test_accuracy": float(general_correct.mean())}
+    combined = model.predict_proba(dataset.test.inputs)
+    correct = combined.argmax(1) == labels
+
+    # which specialists cover each class; Table 3 restricts the argmax to their classes
+    member = np.zeros((len(model.specialists), dataset.n_classes), dtype=bool)
+    for m, (_, info) in enumerate(model.specialists):
+        member[m, info["classes"]] = True
+    covering = member[:, labels]  # (M, N)
+    covered = covering.any(0)
+    # (N_covered, C): the classes of every specialist that covers the example's true class
+    allowed = (covering[:, covered].T.astype(np.float32) @ member.astype(np.float32)) > 0
+    cond_general = _conditional_correct(general_probs[covered], labels[covered], allowed)
+    cond_combined = _conditional_correct(combined[covered], labels[covered], allowed)
+
+    by_covering = []
+    counts = covering.sum(0)
+    for k in range(int(counts.max()) + 1):
+        rows = counts == k
+        if rows.any():
+            delta = int(correct[rows].sum()) - int(general_correct[rows].sum())
+            base = int(general_correct[rows].sum())
+            by_covering.append({"specialists_covering": k, "examples": int(rows.sum()),
+                                "change_in_correct": delta,
+                                "relative_gain": delta / base if base else float("nan")})
+    general_errors, errors = int((~general_correct).sum()), int((~correct).sum())
+    metrics = {
+        "mode": model.mode,
+        "test_accuracy": float(correct.mean()),
+        "generalist_test_accuracy": float(general_correct.mean()),
+        "test_errors": errors,
+        "generalist_test_errors": general_errors,
+        "error_reduction": (general_errors - errors) / general_errors if general_errors else 0.0,
+        "relative_accuracy_gain": float(correct.mean() / general_correct.mean() - 1),
+        "conditional_accuracy": float(cond_combined.mean()) if covered.any() else float("nan"),
+        "generalist_conditional_accuracy": float(cond_general.mean()) if covered.any() else float("nan"),
+        "covered_test_examples": int(covered.sum()),
+        "by_covering": by_covering,
+    }
+    log(f"ensemble: test accuracy {metrics['test_accuracy']:.4f} vs generalist {metrics['generalist_test_accuracy']:.4f} "
+        f"({errors} vs {general_errors} errors, {100 * metrics['error_reduction']:+.1f}% fewer); conditional "
+        f"{metrics['conditional_accuracy']:.4f} vs {metrics['generalist_conditional_accuracy']:.4f}")
+    return metrics
+
+
+def evaluate_command(run_dir: str | Path, log: Log = print) -> RunDir:
+    """`specialists evaluate RUN_DIR`."""
+    run = RunDir(run_dir)
+    run.require(run.generalist / "model.safetensors", what="generalist")
+    cfg, dataset = dataset_for_run(run)
+    _timed(run, "evaluate", lambda: evaluate_run(run, dataset, setup_torch(cfg), log), "ensemble")
+    return run
+
+
 def _stage_done(run: RunDir, section: str, key: str) -> bool:
     return key in run.read_metrics().get(section, {})
 
@@ -254,6 +330,17 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
         log("cluster: already done, skipped")
     else:
         _timed(run, "cluster", lambda: cluster_classes(cfg, dataset, run, device, log), "cluster")
+
+    if not cfg.specialists.enabled:
+        log("specialists: disabled (specialists.enabled=false)")
+    elif not run.clusters.is_file():
+        log("specialists: no clusters.json (the cluster stage is disabled), skipped")
+    elif resume and specialists_done(run):
+        log("specialists: already trained, skipped")
+    else:
+        _timed(run, "specialists", lambda: train_specialists(cfg, dataset, run, device, log, progress), "specialists")
+
+    _timed(run, "evaluate", lambda: evaluate_run(run, dataset, device, log), "ensemble")
 
     run.update_metrics({"timings": {"total": round(time.perf_counter() - started, 3)}})
     if run.clusters.is_file():

@@ -1,0 +1,144 @@
+"""A real Ray cluster: `ray start --head` on loopback, a job submitted through the Jobs API.
+
+The head runs with token authentication (Ray's default since 2.5x) on a token
+made for the test, in its own temp dir and process group; it is stopped by
+its own process id at the end (not `ray stop`, which would stop every Ray
+instance on the machine, other people's test runs included).
+"""
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from conftest import REPO, TINY_SYNTHETIC, tiny_config
+from specialists.config import ConfigError, RayConfig
+from specialists.parallel import ray_session
+from specialists.pipeline import run_pipeline
+
+RAY = Path(sys.executable).parent / "ray"
+EXCLUDES = [".git", ".venv", "runs", "build", "*.egg-info", ".pytest_cache", "__pycache__"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """(dashboard URL, auth headers, process) of a head node started for one test."""
+    if ray.is_initialized():
+        ray.shutdown()
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    cmd = [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}"]
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}, head
+    finally:
+        head.send_signal(signal.SIGINT)  # `ray start --block` stops what it started on SIGINT
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of its process group still running
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _client(url, headers, head, timeout=90):
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            return JobSubmissionClient(url, headers=headers)
+        except Exception:  # the dashboard is still starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_job_submitted_to_a_ray_head_trains_the_specialists(ray_head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    url, headers, head = ray_head
+    client = _client(url, headers, head)
+    out = tmp_path / "job-run"
+    args = ["--out", str(out), "--quiet", *TINY_SYNTHETIC, "specialists.enabled=true", "ray.cpus_per_task=1"]
+    entrypoint = shlex.join([sys.executable, "-m", "jobs.run", *args])
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
+    deadline = time.monotonic() + 240
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job still {status} after 240s:\n{client.get_job_logs(job)[-3000:]}"
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "ray: the Ray cluster at" in logs  # joined the head through RAY_ADDRESS, no local instance
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["specialists"]["count"] == 4 and len(metrics["specialists"]["per_specialist"]) == 4
+    for m in range(4):
+        info = json.loads((out / "specialists" / str(m) / "specialist.json").read_text())
+        assert info["worker"]["pid"] != os.getpid()
+    assert metrics["specialists"]["test_conditional_accuracy"] > 0.5
+
+
+def test_an_unreachable_address_fails_within_seconds(tmp_path):
+    assert not ray.is_initialized()
+    closed = free_port()  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"ray.address='127.0.0.1:{closed}': no Ray cluster answers"):
+        run_pipeline(tiny_config("specialists.enabled=true", f"ray.address=127.0.0.1:{closed}"), tmp_path / "run",
+                     log=lambda s: None, progress=False)
+    assert time.monotonic() - started < 30  # the generalist trains first (~2 s); ray.init alone retries for minutes
+    # a host that does not answer (or, behind some proxies, answers but is no Ray): bounded by the timeout
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="ray.address='10.255.255.1:6379': (no Ray cluster answers|what answers)"):
+        with ray_session(RayConfig(address="10.255.255.1:6379", connect_timeout_s=1.0), log=lambda s: None):
+            pass
+    assert time.monotonic() - started < 5
+    assert not ray.is_initialized()
+
+
+def test_something_that_is_not_ray_is_not_taken_for_a_cluster():
+    with socket.socket() as server:  # a listening TCP port that speaks no gRPC
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=f"ray.address='127.0.0.1:{port}'"):
+            with ray_session(RayConfig(address=f"127.0.0.1:{port}", connect_timeout_s=2.0), log=lambda s: None):
+                pass
+    assert time.monotonic() - started < 5 and not ray.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpus_on_a_machine_without_any_fail_before_ray_starts():
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="ray.gpus_per_task=1 but this machine has no CUDA GPU"):
+        with ray_session(RayConfig(gpus_per_task=1.0), log=lambda s: None):
+            pass
+    assert time.monotonic() - started < 2 and not ray.is_initialized()
