@@ -78,8 +78,9 @@ def main() -> None:
                 wall = time.perf_counter() - ready
             assert section["count"] == 8, section["count"]
             best[workers] = min(best.get(workers, wall), wall)
-            print(f"  {workers} worker(s): {wall:.1f}s wall (tasks' own time summed: {section['seconds']:.1f}s), "
-                  f"ray.init {ready - started:.1f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"  {workers} worker(s): {wall:.1f}s wall; tasks summed: {section['seconds']:.1f}s wall, "
+                  f"{section['cpu_seconds']:.1f}s CPU; ray.init {ready - started:.1f}s; "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     base = best[args.workers[0]] * args.workers[0]  # the baseline's time as if on 1 worker
     print(f"\n{'workers':>7}  {'wall (s)':>8}  {'speedup':>7}  {'x workers':>9}")

@@ -226,7 +226,7 @@ def train_specialist(generalist: nn.Module, classes, dataset: Dataset, teacher_l
     splits, {"train": ..., "val": ..., "test": ...}, in split order (the soft
     targets and the generalist's side of the conditional accuracies).
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     s = cfg.specialists
     classes = [int(c) for c in classes]
     cls = torch.tensor(classes, dtype=torch.long)
@@ -297,6 +297,7 @@ def train_specialist(generalist: nn.Module, classes, dataset: Dataset, teacher_l
     metrics["active_special_share_top1"] = float(share)
     metrics["dustbin_correction_active_top1"] = dustbin_correction(sampler.fraction, float(share))
     metrics["seconds"] = round(time.perf_counter() - started, 3)
+    metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 3)  # this process's CPU time, all threads
     return SpecialistResult(model, classes, stored_correction, sampler.fraction, sampler.natural_fraction,
                             result, metrics)
 
@@ -410,6 +411,7 @@ def specialists_summary(entries: list[dict], trained: list[int], skipped: list[i
         "trained": len(trained),  # in this invocation; the others were finished already (--resume)
         "examples_seen": sum(e["examples_seen"] for e in entries),  # all specialists' forward+backward passes
         "seconds": round(sum(e["seconds"] for e in entries), 3),  # summed task time, not wall time
+        "cpu_seconds": round(sum(e.get("cpu_seconds", 0.0) for e in entries), 3),
         "skipped_groups": list(skipped),  # they hold every class: no dustbin to learn, the generalist covers them
     }
     for split in ("val", "test"):
