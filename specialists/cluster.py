@@ -383,8 +383,9 @@ class ConfusionClusterer:
         k-means++ seeds (faiss keeps the run with the best objective).
     seed : seed of the projection and of K-means (k-means++ initialisation).
         Same seed and covariance -> same groups.
-    use_gpu : True, False or "auto" (GPU when faiss sees one). Applies to
-        faiss K-means and to the torch projection.
+    use_gpu : True, False or "auto". faiss K-means runs on GPU when faiss
+        sees one (True without one is an error); the torch features and
+        projection run on CUDA unless use_gpu is False.
 
     Learned attributes
     ------------------
@@ -511,8 +512,10 @@ class ConfusionClusterer:
         cov = _check_covariance(cov)
         n_classes = cov.shape[0]
         k = self._resolve_k(n_classes)
-        gpu = self._gpu()
-        device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        gpu = self._gpu()  # faiss on GPU
+        # The torch part (features, projection) uses CUDA whenever allowed and
+        # present, even with a CPU-only faiss build.
+        device = torch.device("cuda" if self.use_gpu is not False and torch.cuda.is_available() else "cpu")
         x = _features(cov, self.normalize, device)  # (C, C) float32, row i = class i
         del cov
         n_components = min(n_classes, k if self.n_components is None else int(self.n_components))
@@ -819,7 +822,7 @@ def make_confusable_probabilities(
         y = labels[lo : lo + batch_size]
         z = rng.standard_normal((len(y), n_classes), dtype=np.float32)
         z *= noise
-        z += confusion * (group_of[None, :] == group_of[y][:, None])
+        z += np.float32(confusion) * (group_of[None, :] == group_of[y][:, None])  # stays float32
         z[np.arange(len(y)), y] += margin
         z -= z.max(axis=1, keepdims=True)
         np.exp(z, out=z)

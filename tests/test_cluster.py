@@ -287,7 +287,10 @@ COV77 = np.eye(77)
         ({"overlap_ratio": 0.5}, r"overlap_ratio=0.5 must be a number >= 1"),
         ({"n_clusters": 5, "max_cluster_size": 10}, r"max_cluster_size=10 \* n_clusters=5 < n_classes=77"),
         ({"min_cluster_size": 0}, r"min_cluster_size=0 must be"),
-        ({"max_cluster_size": 3, "min_cluster_size": 4, "n_clusters": 30}, r"max_cluster_size=3 must be >= min_cluster_size=4"),
+        (
+            {"max_cluster_size": 3, "min_cluster_size": 4, "n_clusters": 30},
+            r"max_cluster_size=3 must be >= min_cluster_size=4",
+        ),
         ({"n_components": 0}, r"n_components=0 must be"),
         ({"niter": 0}, r"niter=0 must be"),
         ({"seed": -1}, r"seed=-1 must be an integer >= 0"),

@@ -15,7 +15,8 @@ from specialists.pipeline import run_pipeline
 def planted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "planted"
     cfg = tiny_config("data.synthetic.n_classes=60", "data.synthetic.n_groups=6", "cluster.n_clusters=6",
-                     "cluster.split=train")  # 1,620 unlabeled rows: 3 per class in val is too few
+                     "cluster.split=train",  # 1,620 unlabeled rows: 3 per class in val is too few
+                     "specialists.enabled=false")
     run_pipeline(cfg, out, log=lambda s: None, progress=False)
     return out
 
@@ -57,7 +58,8 @@ def test_report_holds_every_cluster(planted_run):
 
 def test_same_seed_same_groups(planted_run, tmp_path):
     cfg = tiny_config("data.synthetic.n_classes=60", "data.synthetic.n_groups=6", "cluster.n_clusters=6",
-                     "cluster.split=train")  # 1,620 unlabeled rows: 3 per class in val is too few
+                     "cluster.split=train",  # 1,620 unlabeled rows: 3 per class in val is too few
+                     "specialists.enabled=false")
     run_pipeline(cfg, tmp_path / "again", log=lambda s: None, progress=False)
     first = json.loads((planted_run / "clusters.json").read_text())["groups"]
     second = json.loads((tmp_path / "again" / "clusters.json").read_text())["groups"]

@@ -16,7 +16,7 @@ from specialists.rundir import RunDirError
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "synthetic"
-    run_pipeline(tiny_config(), out, log=lambda s: None, progress=False)
+    run_pipeline(tiny_config("specialists.enabled=false"), out, log=lambda s: None, progress=False)
     return out
 
 
@@ -27,7 +27,7 @@ def test_run_directory_contract(synthetic_run):
     metrics = json.loads((synthetic_run / "metrics.json").read_text())
     assert {"val_accuracy", "test_accuracy"} <= set(metrics["generalist"])
     assert {"data", "generalist", "total"} <= set(metrics["timings"])
-    assert load_config(synthetic_run / "config.yaml") == tiny_config()
+    assert load_config(synthetic_run / "config.yaml") == tiny_config("specialists.enabled=false")
     assert not list(synthetic_run.rglob("*.tmp"))  # atomic writes leave no temporaries
 
 
@@ -37,7 +37,7 @@ def test_generalist_beats_chance_widely(synthetic_run):
 
 
 def test_same_seed_same_result(synthetic_run, tmp_path):
-    run_pipeline(tiny_config(), tmp_path / "again", log=lambda s: None, progress=False)
+    run_pipeline(tiny_config("specialists.enabled=false"), tmp_path / "again", log=lambda s: None, progress=False)
     first = json.loads((synthetic_run / "metrics.json").read_text())
     second = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert first["generalist"] == second["generalist"]
@@ -92,7 +92,7 @@ def test_bad_input_leaves_no_run_directory(csv_pair, tmp_path, capsys, override,
 
 def test_refuses_to_mix_into_a_used_directory(synthetic_run):
     with pytest.raises(RunDirError, match="already holds files"):
-        run_pipeline(tiny_config(), synthetic_run, log=lambda s: None, progress=False)
+        run_pipeline(tiny_config("specialists.enabled=false"), synthetic_run, log=lambda s: None, progress=False)
 
 
 def test_corrupt_and_mismatched_checkpoints(synthetic_run, tmp_path):
