@@ -13,13 +13,15 @@ workers' own start (importing torch) on their first task.
 
 The goal is speedup >= 0.85 x W. The fixed costs (worker start-up, the
 generalist's logits, the last straggler) are what keep it below W; so does
-anything else running on the machine, hence the load average printed with
-each measurement and `--repeat` (worker counts interleaved, best time kept).
+anything else running on the machine, hence, after each measurement, the
+load average and how many CPUs W plain busy processes get at that moment (W
+on an idle machine), and `--repeat` (worker counts interleaved, best time kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from specialists.config import RayConfig, load_config
+from specialists.config import load_config
 from specialists.parallel import ray_session, train_specialists
 from specialists.pipeline import dataset_for_run, run_pipeline
 from specialists.rundir import RunDir
@@ -45,9 +47,27 @@ def bench_config(epochs: int, hidden: int, workers: int = 1, specialists: bool =
     ])
 
 
+def _burn(n: int) -> float:
+    started, total = time.perf_counter(), 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - started
+
+
+def machine_parallelism(workers: int, n: int = 5_000_000) -> float:
+    """How many processes' worth of CPU `workers` busy processes get at once (= workers on an idle machine)."""
+    one = _burn(n)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(_burn, [1000] * workers)  # start the processes before timing
+        started = time.perf_counter()
+        pool.map(_burn, [n] * workers)
+        return workers * one / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts; the first is the baseline")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="worker counts; the first is the baseline")
     parser.add_argument("--epochs", type=int, default=40, help="epochs per specialist (all of them run)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden width of the generalist and specialists")
     parser.add_argument("--repeat", type=int, default=1, help="measure each worker count this often, keep the best")
@@ -80,7 +100,8 @@ def main() -> None:
             best[workers] = min(best.get(workers, wall), wall)
             print(f"  {workers} worker(s): {wall:.1f}s wall; tasks summed: {section['seconds']:.1f}s wall, "
                   f"{section['cpu_seconds']:.1f}s CPU; ray.init {ready - started:.1f}s; "
-                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                  f"load average {os.getloadavg()[0]:.1f}; {workers} busy processes get "
+                  f"{machine_parallelism(workers):.2f} CPUs", flush=True)
 
     base = best[args.workers[0]] * args.workers[0]  # the baseline's time as if on 1 worker
     print(f"\n{'workers':>7}  {'wall (s)':>8}  {'speedup':>7}  {'x workers':>9}")

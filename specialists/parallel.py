@@ -246,8 +246,8 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
                     bar.update(1)
                     continue
                 model = model_from_arrays(result["spec"], result["state"])
-                save_specialist(specialist_dir(run, m), model, _specialist_info(cfg, dataset, m, groups[m], result, sha),
-                                result["history"])
+                info = _specialist_info(cfg, dataset, m, groups[m], result, sha)
+                save_specialist(specialist_dir(run, m), model, info, result["history"])
                 bar.update(1)
                 with tqdm.external_write_mode():
                     log(_progress_line(m, result["metrics"], done, len(todo)))

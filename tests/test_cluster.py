@@ -45,7 +45,7 @@ def planted():
 
 @pytest.fixture(scope="module")
 def fitted(planted):
-    return ConfusionClusterer(n_clusters=len(SIZES), seed=0).fit(planted[3])
+    return ConfusionClusterer(n_clusters=len(SIZES), normalize="correlation", seed=0).fit(planted[3])
 
 
 # ---------------------------------------------------------------- covariance
@@ -142,12 +142,12 @@ def test_recovers_planted_groups(planted, fitted):
 
 
 def test_classes_per_cluster_sets_k(planted):
-    clusterer = ConfusionClusterer(classes_per_cluster=15, seed=0).fit(planted[3])
+    clusterer = ConfusionClusterer(classes_per_cluster=15, normalize="correlation", seed=0).fit(planted[3])
     assert clusterer.n_clusters_ == math.ceil(N_CLASSES / 15) == 14
     assert len(clusterer.groups_) <= 14
 
 
-def test_raw_covariance_collapses_where_default_does_not(planted, fitted):
+def test_raw_covariance_collapses_where_correlation_does_not(planted, fitted):
     # Rare classes have near-zero covariance columns, so raw K-means lumps them.
     # Measured over 24 planted datasets: 126-178 of 200 classes in one cluster.
     _, _, groups, cov = planted
@@ -165,7 +165,7 @@ def test_l2_normalisation_recovers_planted_groups(planted):
 
 
 def test_same_seed_same_groups(planted, fitted):
-    again = ConfusionClusterer(n_clusters=len(SIZES), seed=0).fit(planted[3])
+    again = ConfusionClusterer(n_clusters=len(SIZES), normalize="correlation", seed=0).fit(planted[3])
     assert again.groups_ == fitted.groups_
     np.testing.assert_array_equal(again.assignment_, fitted.assignment_)
     np.testing.assert_array_equal(again.centroids_, fitted.centroids_)
@@ -173,9 +173,9 @@ def test_same_seed_same_groups(planted, fitted):
 
 def test_max_cluster_size_is_respected(planted):
     cov = planted[3]
-    free = ConfusionClusterer(n_clusters=30, min_cluster_size=1, seed=0).fit(cov)
+    free = ConfusionClusterer(n_clusters=30, min_cluster_size=1, normalize="correlation", seed=0).fit(cov)
     assert max(map(len, free.groups_)) > 8  # planted groups of up to 16: the cap has work to do
-    capped = ConfusionClusterer(n_clusters=30, max_cluster_size=8, min_cluster_size=1, seed=0).fit(cov)
+    capped = ConfusionClusterer(n_clusters=30, max_cluster_size=8, min_cluster_size=1, normalize="correlation", seed=0).fit(cov)
     assert max(map(len, capped.groups_)) <= 8
     assert sorted(c for g in capped.groups_ for c in g) == list(range(N_CLASSES))  # still a partition
 
@@ -185,7 +185,7 @@ def test_overlap_only_within_ratio(planted, fitted):
     # Planted groups are far apart: the second-nearest centroid is 2.7x to 140x
     # farther than the nearest (5th percentile 7.7x), so only a wide ratio overlaps.
     ratio = 5.0
-    clusterer = ConfusionClusterer(n_clusters=len(SIZES), overlap=2, overlap_ratio=ratio, seed=0).fit(cov)
+    clusterer = ConfusionClusterer(n_clusters=len(SIZES), overlap=2, overlap_ratio=ratio, normalize="correlation", seed=0).fit(cov)
     memberships = np.zeros(N_CLASSES, dtype=int)
     for group, dists in zip(clusterer.groups_, clusterer.member_distances_):
         memberships[group] += 1
@@ -199,7 +199,7 @@ def test_overlap_only_within_ratio(planted, fitted):
 
 def test_overlap_never_exceeds_max_cluster_size(planted):
     clusterer = ConfusionClusterer(
-        n_clusters=30, overlap=3, overlap_ratio=10.0, max_cluster_size=9, min_cluster_size=1, seed=0
+        n_clusters=30, overlap=3, overlap_ratio=10.0, max_cluster_size=9, min_cluster_size=1, normalize="correlation", seed=0
     ).fit(planted[3])
     assert max(map(len, clusterer.groups_)) <= 9
     assert sum(map(len, clusterer.groups_)) > N_CLASSES  # overlap happened
@@ -210,12 +210,12 @@ def test_isolated_class_is_uncovered_unless_singletons_allowed():
     probs, _, groups = make_confusable_probabilities(10_000, [6, 5, 1, 7, 4], zipf=1.0, seed=1)
     cov = np.cov(probs.astype(np.float64), rowvar=False, bias=True)
     (alone,) = next(g for g in groups if len(g) == 1)
-    clusterer = ConfusionClusterer(n_clusters=5, seed=0).fit(cov)
+    clusterer = ConfusionClusterer(n_clusters=5, normalize="correlation", seed=0).fit(cov)
     assert clusterer.uncovered_ == [alone]
     assert clusterer.assignment_[alone] == -1
     assert np.isnan(clusterer.distances_[alone])
     assert sorted(clusterer.groups_) == sorted(g for g in groups if len(g) > 1)
-    kept = ConfusionClusterer(n_clusters=5, min_cluster_size=1, seed=0).fit(cov)
+    kept = ConfusionClusterer(n_clusters=5, min_cluster_size=1, normalize="correlation", seed=0).fit(cov)
     assert kept.uncovered_ == [] and [alone] in kept.groups_
 
 

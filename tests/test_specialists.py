@@ -180,7 +180,8 @@ def test_the_correction_calibrates_a_confusable_dustbin(tiny_run):
     run = RunDir(tiny_run)
     cfg, dataset = dataset_for_run(run)
     generalist = load_checkpoint(run.generalist)
-    logits = {s: predict_logits(generalist, generalist.encode(getattr(dataset, s).inputs)) for s in ("train", "val", "test")}
+    logits = {s: predict_logits(generalist, generalist.encode(getattr(dataset, s).inputs))
+              for s in ("train", "val", "test")}
     cfg = tiny_config("specialists.patience=0")
     result = train_specialist(generalist, [0, 3, 5, 8, 13, 21, 22, 30, 34, 39], dataset, logits, cfg, seed=0)
     m = result.metrics
