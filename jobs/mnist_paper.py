@@ -40,7 +40,7 @@ PAPER = {
 }
 
 SCHEDULES = {  # max_train 0: all 60,000 training images
-    "quick": {"max_train": 3_000, "teacher_epochs": 30, "student_epochs": 20, "patience": 0, "batch_size": 128},
+    "quick": {"max_train": 3_000, "teacher_epochs": 30, "student_epochs": 40, "patience": 0, "batch_size": 128},
     "full": {"max_train": 0, "teacher_epochs": 60, "student_epochs": 60, "patience": 10, "batch_size": 128},
 }
 

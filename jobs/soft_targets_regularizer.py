@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mnist", type=Path, default=MNIST, help=f"MNIST IDX folder (default {MNIST})")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--soft-weight", type=float, default=0.9, help="weight of the soft term; hard gets 1 - this")
-    parser.add_argument("--epochs", type=int, default=40, help="student epochs (the best validation epoch is kept)")
+    parser.add_argument("--epochs", type=int, default=60, help="student epochs (the best validation epoch is kept)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/soft-targets-<data>-<time>)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0)

@@ -55,6 +55,34 @@ from .models import create_model, load_checkpoint, model_kwargs, save_checkpoint
 from .rundir import RunDir, write_json, write_text
 from .train import TrainResult, predict_logits, seed_everything, train_model
 
+__all__ = [
+    "BiasConfig",
+    "DistillConfig",
+    "DistillError",
+    "StudentConfig",
+    "Teacher",
+    "TeacherConfig",
+    "TransferConfig",
+    "TransferSet",
+    "accuracy_by_shift",
+    "check_same_classes",
+    "choose_bias_shift",
+    "class_ids",
+    "combine_teachers",
+    "combined_teacher",
+    "gain_standard_error",
+    "kept_gain",
+    "load_distill_config",
+    "make_transfer_set",
+    "module_teacher",
+    "resolve_student",
+    "run_distill",
+    "shift_bias",
+    "summary",
+    "teacher_scores",
+    "train_student",
+]
+
 Log = Callable[[str], None]
 
 TEACHER_SOURCES = ("combined", "generalist")
@@ -487,19 +515,33 @@ def shift_bias(model: nn.Module, classes: Sequence[int], shift: float) -> None:
         model.head.bias[torch.as_tensor(np.asarray(classes, dtype=np.int64))] += shift
 
 
-def kept_gain(distilled: float, baseline: float, teacher: float, n_test: int) -> dict:
-    """How much of the teacher's accuracy gain over `baseline` the distilled model keeps.
+def kept_gain(distilled: float, baseline: float, teacher: float, n_test: int, gain_stderr: float = 0.0) -> dict:
+    """How much of the teacher's test-accuracy gain over `baseline` the distilled model keeps.
 
-    (distilled - baseline) / (teacher - baseline); undefined (None) when the
-    teacher is not better than the baseline by at least one test example, where
-    the ratio would be noise (or the share of a loss).
+    (distilled - baseline) / (teacher - baseline), accuracies in [0, 1] on the
+    same n_test examples. Undefined (None, with a reason) when the gain is ~0:
+    under one test example, or under two standard errors `gain_stderr` (see
+    `gain_standard_error`), where the ratio would be the share of noise.
     """
     gain = teacher - baseline
-    if gain * n_test < 1:  # a share of no gain, or of a loss, means nothing
-        return {"kept_gain": None, "gain": gain,
-                "reason": f"undefined: the teacher's gain over the baseline is {gain * n_test:+.1f} of {n_test} test "
-                          "examples (< 1)"}
-    return {"kept_gain": (distilled - baseline) / gain, "gain": gain}
+    out = {"gain": gain, "gain_stderr": gain_stderr}
+    if gain * n_test < 1 or gain < 2 * gain_stderr:  # the share of no gain, a loss or noise means nothing
+        return {"kept_gain": None, **out,
+                "reason": f"undefined: the teacher's gain over the baseline, {gain * n_test:+.1f} of {n_test} test "
+                          f"examples, is ~0 (under 1 example or under 2 standard errors, {2 * gain_stderr * n_test:.1f})"}
+    return {"kept_gain": (distilled - baseline) / gain, **out}
+
+
+def gain_standard_error(teacher_correct: np.ndarray, baseline_correct: np.ndarray) -> float:
+    """Standard error of mean(teacher_correct - baseline_correct), paired on the same test examples.
+
+    teacher_correct, baseline_correct: (N,) 1 where right, 0 where wrong (a
+    mean over several baselines may be fractional). With b examples only the
+    teacher gets right and c only the baseline, this is sqrt(b + c) / N
+    (McNemar's): the examples both get right or both get wrong carry no noise.
+    """
+    diff = np.asarray(teacher_correct, dtype=np.float64) - np.asarray(baseline_correct, dtype=np.float64)
+    return float(np.sqrt(np.sum(diff ** 2))) / max(len(diff), 1)
 
 
 # ---------------------------------------------------------------------------
@@ -527,9 +569,10 @@ def _split_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str], a
 
 
 def _model_metrics(model: nn.Module, dataset: Dataset, transfer: TransferSet, result: TrainResult,
-                   batch: int, device, absent: np.ndarray) -> dict:
-    test = _split_metrics(predict_logits(model, model.encode(dataset.test.inputs), batch, device),
-                          dataset.test.labels, dataset.classes, absent)
+                   batch: int, device, absent: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The model's metrics, and (N_test,) 1/0: which test examples it gets right."""
+    test_logits = predict_logits(model, model.encode(dataset.test.inputs), batch, device)
+    test = _split_metrics(test_logits, dataset.test.labels, dataset.classes, absent)
     metrics = {"test_accuracy": test["accuracy"], "test_errors": test["errors"]}
     metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("accuracy", "errors")})
     metrics.update(val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch, epochs_run=result.epochs_run,
@@ -539,7 +582,7 @@ def _model_metrics(model: nn.Module, dataset: Dataset, transfer: TransferSet, re
     if (transfer.truth >= 0).all():
         metrics["transfer_accuracy"] = float((predict_logits(model, model.encode(transfer.inputs), batch, device)
                                               .argmax(1) == transfer.truth).mean())
-    return metrics
+    return metrics, _correct(test_logits, dataset.test.labels)
 
 
 def _timed(run: RunDir, stage: str, fn: Callable[[], tuple[dict | None, object]], section: str | None = None):
@@ -600,12 +643,13 @@ def _prepare(cfg: DistillConfig) -> _Job:
     return _Job(cfg, runs, dataset, transfer, absent, setup_torch(cfg), cfg.student.train.eval_batch_size)
 
 
-def _accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
-    return float((np.asarray(logits).argmax(1) == labels).mean())
+def _correct(scores: np.ndarray | torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """(N,) 1.0 where argmax(scores) is the label, else 0.0."""
+    return (np.asarray(scores).argmax(1) == labels).astype(np.float64)
 
 
-def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[list[Teacher], list[float]]]:
-    """The teachers, and (combined source) each run's generalist test accuracy, the kept gain's baseline."""
+def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[list[Teacher], list[np.ndarray]]]:
+    """The teachers, and (combined source) which test examples each run's generalist gets right."""
     cfg, ds = job.cfg, job.dataset
     if not job.runs:
         seed_everything(cfg.seed)
@@ -620,7 +664,7 @@ def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[l
         metrics = {"val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "parameters": sum(p.numel() for p in model.parameters())}
         return metrics, ([module_teacher(model, ds.classes, "teacher", job.device, job.batch)], [])
-    teachers, generalist_accuracy = [], []
+    teachers, generalist_correct = [], []
     for run in job.runs:
         generalist = load_checkpoint(run.generalist, job.device)
         if cfg.teacher.source == "generalist":  # its test accuracy comes with the teacher's test pass
@@ -628,15 +672,16 @@ def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[l
         else:
             teachers.append(combined_teacher(run.root, job.device, job.batch))
             logits = predict_logits(generalist, generalist.encode(ds.test.inputs), job.batch, job.device)
-            generalist_accuracy.append(_accuracy(logits, ds.test.labels))
+            generalist_correct.append(_correct(logits, ds.test.labels))
     check_same_classes(teachers, ds.classes)
-    return None, (teachers, generalist_accuracy)
+    return None, (teachers, generalist_correct)
 
 
-def _soft_targets(job: _Job, teachers: list[Teacher], log: Log) -> tuple[dict, tuple[torch.Tensor, list[float]]]:
+def _soft_targets(job: _Job, teachers: list[Teacher], log: Log) -> tuple[dict, tuple]:
     """(N, C) soft targets for the transfer set (one teacher pass), and the teacher's test metrics.
 
-    Also returns each teacher's own test accuracy (used as the generalists' when they are the teachers).
+    Also returns which test examples the combined teacher gets right, and each
+    member (the generalists' own, when they are the teachers).
     """
     cfg, ds, transfer = job.cfg, job.dataset, job.transfer
     t = cfg.student.temperature
@@ -649,11 +694,11 @@ def _soft_targets(job: _Job, teachers: list[Teacher], log: Log) -> tuple[dict, t
     metrics = {"source": cfg.teacher.source if job.runs else "trained", "runs": [str(r.root) for r in job.runs],
                "mean": cfg.teacher.mean, "test_accuracy": test["accuracy"], "test_errors": test["errors"]}
     if (transfer.truth >= 0).all():  # argmax of the soft targets (the same as at T = 1 for one teacher)
-        metrics["transfer_accuracy"] = _accuracy(soft, transfer.truth)
+        metrics["transfer_accuracy"] = float(_correct(soft, transfer.truth).mean())
     log(f"teacher: {len(teachers)} x {metrics['source']} ({cfg.teacher.mean} mean), test accuracy "
         f"{test['accuracy']:.4f} ({test['errors']} errors); soft targets at T={t:g} for {len(transfer)} examples "
         f"in {seconds:.1f}s")
-    return metrics, (soft, [_accuracy(s, ds.test.labels) for s in test_scores])
+    return metrics, (soft, _correct(test_probs, ds.test.labels), [_correct(x, ds.test.labels) for x in test_scores])
 
 
 def _adjust_bias(job: _Job, model: nn.Module, unadjusted: dict, result: TrainResult, log: Log) -> tuple[dict, dict]:
@@ -665,8 +710,8 @@ def _adjust_bias(job: _Job, model: nn.Module, unadjusted: dict, result: TrainRes
     shift_bias(model, job.absent, shift)
     after = _split_metrics(predict_logits(model, model.encode(ds.val.inputs), job.batch, job.device), ds.val.labels,
                            ds.classes, job.absent)
-    metrics = {**_model_metrics(model, ds, job.transfer, result, job.batch, job.device, job.absent),
-               "val_accuracy": after["accuracy"]}
+    metrics, correct = _model_metrics(model, ds, job.transfer, result, job.batch, job.device, job.absent)
+    metrics["val_accuracy"] = after["accuracy"]
     section = {"classes": [ds.classes[c] for c in job.absent], "shift": shift,
                "val_accuracy_before": before["accuracy"], "val_accuracy_after": after["accuracy"],
                "val_recall_absent_before": before["recall_absent"], "val_recall_absent_after": after["recall_absent"],
@@ -678,10 +723,10 @@ def _adjust_bias(job: _Job, model: nn.Module, unadjusted: dict, result: TrainRes
         f"{before['accuracy']:.4f} -> {after['accuracy']:.4f}, test errors {unadjusted['test_errors']} -> "
         f"{metrics['test_errors']} ({unadjusted['test_errors_on_absent']} -> {metrics['test_errors_on_absent']} "
         "on absent classes)")
-    return section, metrics
+    return section, metrics, correct
 
 
-def _student(job: _Job, name: str, soft: torch.Tensor | None, log: Log, progress: bool) -> tuple[dict, None]:
+def _student(job: _Job, name: str, soft: torch.Tensor | None, log: Log, progress: bool) -> tuple[dict, np.ndarray]:
     """Train the student on the soft targets (or, soft=None, the baseline on the hard labels); save and score it."""
     cfg, ds, transfer = job.cfg, job.dataset, job.transfer
     seed_everything(cfg.seed)  # the same initial weights for the student and the baseline
@@ -694,31 +739,33 @@ def _student(job: _Job, name: str, soft: torch.Tensor | None, log: Log, progress
         result = train_model(model, model.encode(transfer.inputs), transfer.labels, model.encode(ds.val.inputs),
                              ds.val.labels, cfg.student.train, seed=cfg.seed, device=job.device, desc=name,
                              progress=progress)
-    metrics = _model_metrics(model, ds, transfer, result, job.batch, job.device, job.absent)
+    metrics, correct = _model_metrics(model, ds, transfer, result, job.batch, job.device, job.absent)
     bias = None
     if soft is not None and len(job.absent) and cfg.bias.adjust:
-        bias, metrics = _adjust_bias(job, model, metrics, result, log)
+        bias, metrics, correct = _adjust_bias(job, model, metrics, result, log)
         job.out.update_metrics({"bias": bias})
     save_checkpoint(model, job.out.root / name, extra={"bias_shift": bias} if bias else None)
     write_json(job.out.root / name / "history.json", result.history)
     log(f"{name}: test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_errors']} errors), "
         f"best epoch {result.best_epoch}, {result.seconds:.1f}s")
-    return metrics, None
+    return metrics, correct
 
 
-def _report_kept_gain(job: _Job, teacher: dict, student: dict, baseline: dict | None,
-                      generalist_accuracy: list[float], log: Log) -> None:
+def _report_kept_gain(job: _Job, teacher: dict, teacher_correct: np.ndarray, student: dict,
+                      baseline_correct: np.ndarray | None, generalist_correct: list[np.ndarray], log: Log) -> None:
     """kept_gain in the output's metrics.json and, distilling runs' combined q, `distilled` in each run's."""
     # Over the generalist when distilling runs (section 8's open question); else over the hard-label
     # student trained on the same examples, the fairest baseline when there is one.
     cfg = job.cfg
-    if job.runs and (cfg.teacher.source == "combined" or baseline is None):
-        baseline_accuracy, baseline_name = float(np.mean(generalist_accuracy)), "generalist"
-    elif baseline is not None:
-        baseline_accuracy, baseline_name = baseline["test_accuracy"], "baseline"
+    if job.runs and (cfg.teacher.source == "combined" or baseline_correct is None):
+        correct, baseline_name = np.mean(generalist_correct, axis=0), "generalist"  # (N_test,) mean over the runs
+    elif baseline_correct is not None:
+        correct, baseline_name = baseline_correct, "baseline"
     else:
         return
-    kept = {**kept_gain(student["test_accuracy"], baseline_accuracy, teacher["test_accuracy"], len(job.dataset.test)),
+    baseline_accuracy = float(correct.mean())
+    kept = {**kept_gain(student["test_accuracy"], baseline_accuracy, teacher["test_accuracy"], len(job.dataset.test),
+                        gain_standard_error(teacher_correct, correct)),
             "baseline": baseline_name, "baseline_test_accuracy": baseline_accuracy,
             "teacher_test_accuracy": teacher["test_accuracy"], "student_test_accuracy": student["test_accuracy"]}
     job.out.update_metrics({"kept_gain": kept})
@@ -729,7 +776,7 @@ def _report_kept_gain(job: _Job, teacher: dict, student: dict, baseline: dict | 
         section = {"out": str(job.out.root.resolve()), "runs": [str(r.root) for r in job.runs],
                    "student_test_accuracy": student["test_accuracy"], "generalist_test_accuracy": baseline_accuracy,
                    "ensemble_test_accuracy": teacher["test_accuracy"], "kept_gain": kept["kept_gain"],
-                   "gain": kept["gain"], "temperature": cfg.student.temperature,
+                   "gain": kept["gain"], "gain_stderr": kept["gain_stderr"], "temperature": cfg.student.temperature,
                    "transfer_examples": len(job.transfer), "student_parameters": student["parameters"]}
         if "reason" in kept:
             section["reason"] = kept["reason"]
@@ -758,16 +805,17 @@ def run_distill(cfg: DistillConfig, out: str | Path | None = None, log: Log = pr
         f"transfer set {len(transfer)} examples{'' if transfer.labelled else ' (unlabeled)'}, {len(job.absent)} "
         f"classes absent; device {job.device}; output {job.out.root}")
 
-    _, (teachers, generalist_accuracy) = _timed(job.out, "teacher", lambda: _teachers(job, log, progress), "teacher")
-    teacher, (soft, teacher_accuracy) = _timed(job.out, "soft_targets", lambda: _soft_targets(job, teachers, log),
-                                               "teacher")
+    _, (teachers, generalist_correct) = _timed(job.out, "teacher", lambda: _teachers(job, log, progress), "teacher")
+    teacher, (soft, teacher_correct, member_correct) = _timed(job.out, "soft_targets",
+                                                              lambda: _soft_targets(job, teachers, log), "teacher")
     if job.runs and cfg.teacher.source == "generalist":
-        generalist_accuracy = teacher_accuracy
-    baseline = None
+        generalist_correct = member_correct
+    baseline_correct = None
     if cfg.student.baseline:
-        baseline, _ = _timed(job.out, "baseline", lambda: _student(job, "baseline", None, log, progress), "baseline")
+        _, baseline_correct = _timed(job.out, "baseline", lambda: _student(job, "baseline", None, log, progress),
+                                     "baseline")
     student, _ = _timed(job.out, "student", lambda: _student(job, "student", soft, log, progress), "student")
-    _report_kept_gain(job, teacher, student, baseline, generalist_accuracy, log)
+    _report_kept_gain(job, teacher, teacher_correct, student, baseline_correct, generalist_correct, log)
     job.out.update_metrics({"timings": {"total": round(time.perf_counter() - started, 3)}})
     return job.out
 
@@ -790,10 +838,3 @@ def summary(run: RunDir) -> str:
         lines.append(f"  kept gain {value} (of the teacher's gain over the {k['baseline']})")
     return "\n".join(lines)
 
-
-__all__ = [
-    "BiasConfig", "DistillConfig", "DistillError", "StudentConfig", "Teacher", "TeacherConfig", "TransferConfig",
-    "TransferSet", "accuracy_by_shift", "check_same_classes", "choose_bias_shift", "class_ids", "combine_teachers",
-    "combined_teacher", "kept_gain", "load_distill_config", "make_transfer_set", "module_teacher", "run_distill",
-    "shift_bias", "summary", "teacher_scores", "train_student",
-]

@@ -23,6 +23,7 @@ from specialists.teach import (
     accuracy_by_shift,
     choose_bias_shift,
     combine_teachers,
+    gain_standard_error,
     kept_gain,
     load_distill_config,
     make_transfer_set,
@@ -187,7 +188,8 @@ def test_teacher_run_is_distilled_and_the_kept_gain_reported(teacher_run, tmp_pa
     assert m["teacher"]["source"] == "combined" and k["baseline"] == "generalist"
     assert k["baseline_test_accuracy"] == pytest.approx(generalist["generalist"]["test_accuracy"])
     gain = k["teacher_test_accuracy"] - k["baseline_test_accuracy"]
-    if abs(gain) * 400 < 1:  # today's q is the generalist alone: the ratio is undefined, and says so
+    assert k["gain"] == pytest.approx(gain)
+    if gain * 400 < 1 or gain < 2 * k["gain_stderr"]:  # no specialists in this run: q is the generalist, gain 0
         assert k["kept_gain"] is None and "undefined" in k["reason"]
     else:
         assert k["kept_gain"] == pytest.approx((k["student_test_accuracy"] - k["baseline_test_accuracy"]) / gain)
@@ -197,6 +199,26 @@ def test_teacher_run_is_distilled_and_the_kept_gain_reported(teacher_run, tmp_pa
     # one model of the generalist's size
     assert m["student"]["parameters"] == generalist["generalist"]["parameters"]
     assert load_checkpoint(out / "student").spec == load_checkpoint(run / "generalist").spec
+
+
+@pytest.mark.slow
+def test_teacher_run_with_specialists_uses_the_inference_engines_q(tmp_path):
+    """A full tiny run (clusters, specialists on Ray: ~25 s): its q, not its generalist, is the teacher."""
+    run = tmp_path / "run"
+    run_pipeline(tiny_config(), run, **QUIET)
+    out = tmp_path / "distilled"
+    assert main(["distill", "--quiet", "--teacher", str(run), "--out", str(out)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    section = metrics["distilled"]
+    # the teacher's test accuracy is the engine's own (generalist + specialists), not the generalist's
+    assert section["ensemble_test_accuracy"] == pytest.approx(metrics["ensemble"]["test_accuracy"])
+    assert section["generalist_test_accuracy"] == pytest.approx(metrics["generalist"]["test_accuracy"])
+    k = json.loads((out / "metrics.json").read_text())["kept_gain"]
+    if k["kept_gain"] is not None:
+        assert k["kept_gain"] == pytest.approx((section["student_test_accuracy"] - section["generalist_test_accuracy"])
+                                               / (section["ensemble_test_accuracy"] - section["generalist_test_accuracy"]))
+    else:
+        assert "~0" in k["reason"]
 
 
 def test_ensemble_of_runs(teacher_run, tmp_path):
@@ -230,9 +252,20 @@ def test_ensemble_of_runs(teacher_run, tmp_path):
 def test_kept_gain_values():
     assert kept_gain(0.83, 0.80, 0.85, 1000)["kept_gain"] == pytest.approx(0.6)
     assert kept_gain(0.86, 0.80, 0.85, 1000)["kept_gain"] == pytest.approx(1.2)
-    assert kept_gain(0.78, 0.80, 0.85, 1000)["kept_gain"] == pytest.approx(-0.4)
+    assert kept_gain(0.78, 0.80, 0.85, 1000, gain_stderr=0.02)["kept_gain"] == pytest.approx(-0.4)
     undefined = kept_gain(0.83, 0.80, 0.8005, 1000)  # half a test example
-    assert undefined["kept_gain"] is None and "undefined" in undefined["reason"] and "+0.5 of 1000" in undefined["reason"]
+    assert undefined["kept_gain"] is None and "+0.5 of 1000 test examples, is ~0" in undefined["reason"]
+    assert kept_gain(0.83, 0.85, 0.80, 1000)["kept_gain"] is None  # the teacher is worse: no gain to keep
+    noisy = kept_gain(0.83, 0.80, 0.81, 1000, gain_stderr=0.006)  # +10 examples, 2 standard errors = 12
+    assert noisy["kept_gain"] is None and "2 standard errors, 12.0" in noisy["reason"]
+
+
+def test_gain_standard_error_is_mcnemars():
+    # 8 examples only the teacher gets right, 2 only the baseline, 90 both or neither
+    teacher = np.array([1] * 8 + [0] * 2 + [1] * 50 + [0] * 40)
+    baseline = np.array([0] * 8 + [1] * 2 + [1] * 50 + [0] * 40)
+    assert gain_standard_error(teacher, baseline) == pytest.approx(np.sqrt(8 + 2) / 100)
+    assert gain_standard_error(teacher, teacher) == 0.0
 
 
 # ---------------------------------------------------------------------------
