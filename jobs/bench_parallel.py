@@ -1,6 +1,6 @@
 """Time the specialists stage on 1 worker and on N: wall time and speedup.
 
-    python -m jobs.bench_parallel [--workers 1 2] [--epochs 40] [--hidden 256] [--repeat 1] [--out DIR]
+    python -m jobs.bench_parallel [--workers 1 2] [--epochs 40] [--hidden 256] [--repeat 2] [--out DIR]
 
 One run directory (a generalist and 8 groups of confusable classes on the
 synthetic set) is prepared once; then, for each worker count W, a local Ray
@@ -70,7 +70,7 @@ def main() -> None:
                         help="worker counts; the first is the baseline")
     parser.add_argument("--epochs", type=int, default=40, help="epochs per specialist (all of them run)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden width of the generalist and specialists")
-    parser.add_argument("--repeat", type=int, default=1, help="measure each worker count this often, keep the best")
+    parser.add_argument("--repeat", type=int, default=2, help="measure each worker count this often, keep the best")
     parser.add_argument("--out", help="where to keep the run directory (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)

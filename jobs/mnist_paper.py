@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads if args.threads is not None else (1 if args.quick else 0)
     ours = run(schedule, out, args.data, args.device, threads, args.seed)
     seconds = time.perf_counter() - started
-    write_json(out / "results.json", {"schedule": schedule, "settings": SCHEDULES[schedule], "seconds": round(seconds, 1),
-                                      "paper": PAPER, "ours": ours})
+    write_json(out / "results.json", {"schedule": schedule, "settings": {**SCHEDULES[schedule], "threads": threads},
+                                      "seconds": round(seconds, 1), "paper": PAPER, "ours": ours})
     print()
     print(table(ours, schedule, seconds))
     print(f"results: {out / 'results.json'}")

@@ -178,6 +178,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    # `None | X`, not `X | None`: config.py tries a union's options in order, and a null read as X is X's defaults
     data: None | DataConfig = None  # None: the first teacher run's data, or (no runs) the default data
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ def ray_head():
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _client(url, headers, head, timeout=90):

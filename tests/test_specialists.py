@@ -19,13 +19,12 @@ import torch
 
 from conftest import tiny_config
 from specialists.config import ConfigError, RayConfig
-from specialists.models import create_model, with_dustbin_head
+from specialists.models import create_model, load_checkpoint, with_dustbin_head
 from specialists.parallel import ray_session, train_specialists
 from specialists.pipeline import dataset_for_run, run_pipeline
 from specialists.rundir import RunDir, RunDirError
 from specialists.specialist import (EnrichedSampler, conditional_accuracy, dustbin_correction, dustbin_corrected,
                                     load_specialist, specialist_soft_targets, train_specialist)
-from specialists.models import load_checkpoint
 from specialists.train import predict_logits
 
 QUIET = dict(log=lambda s: None, progress=False)
