@@ -8,10 +8,11 @@ import sys
 from .config import ConfigError, load_config
 from .data import DataError
 from .models import CheckpointError
+from .parallel import SpecialistTrainingError
 from .rundir import RunDirError
 from .teach import DistillError
 
-USER_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError, DistillError)
+USER_ERRORS = (SpecialistTrainingError, ConfigError, DataError, RunDirError, CheckpointError, DistillError)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -281,9 +281,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` as `annotation`, or raise ConfigError naming the key."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None  # before trying a dataclass option, which would read None as its defaults
         for option in typing.get_args(annotation):
-            if option is type(None) and value is None:
-                return None
             if option is not type(None):
                 try:
                     return _check_type(key, value, option)
