@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from .config import DataConfig, SyntheticConfig
 
@@ -328,6 +327,8 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     n_val = max(int(round(fraction * len(train))), int((counts > 0).sum()))
     if n_val >= len(train) - int((counts > 0).sum()) + 1:
         raise DataError(f"data.val_fraction={fraction}: too few training examples ({len(train)}) to carve a validation split")
+    from sklearn.model_selection import train_test_split  # here: a Ray worker need not pay its import
+
     fit_index, val_index = train_test_split(index, test_size=n_val, random_state=seed, stratify=train.labels)
     return train.take(np.sort(fit_index)), train.take(np.sort(val_index))
 
@@ -335,6 +336,8 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 def _subsample(split: Split, n: int, seed: int) -> Split:
     if n <= 0 or n >= len(split):
         return split
+    from sklearn.model_selection import train_test_split
+
     index, _ = train_test_split(np.arange(len(split)), train_size=n, random_state=seed, stratify=split.labels)
     return split.take(np.sort(index))
 

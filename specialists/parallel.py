@@ -162,6 +162,12 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
 
 
 @ray.remote
+def warm_worker() -> int:
+    """Nothing: a worker that runs it has imported this module (torch included) before the first specialist."""
+    return os.getpid()
+
+
+@ray.remote
 def train_specialist_task(shared: dict, m: int, classes: list[int], cfg: RunConfig, threads: int) -> dict:
     """Train specialist m in a Ray worker; returns its weights (numpy), curve and metrics."""
     torch.set_num_threads(threads)
@@ -221,7 +227,11 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
     options = dict(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task, max_retries=cfg.ray.max_retries,
                    retry_exceptions=cfg.ray.retry_exceptions)
     failures: dict[int, str] = {}
-    with ray_session(cfg.ray, log):  # first: a bad address or resource request fails before any work
+    with ray_session(cfg.ray, log) as resources:  # first: a bad address or resource request fails before any work
+        # workers import torch (about a second each) while this process computes the logits, not after
+        slots = int(resources["cpus"] // cfg.ray.cpus_per_task) if cfg.ray.cpus_per_task else len(todo)
+        warming = [warm_worker.options(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task).remote()
+                   for _ in range(max(1, min(len(todo), slots)))]
         batch = cfg.train.eval_batch_size
         # (N, C) generalist logits of every split, once: the soft targets and the baseline of the metrics
         logits = {split: predict_logits(generalist, generalist.encode(getattr(dataset, split).inputs), batch, device)
@@ -231,6 +241,7 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
         del logits, state
         futures = {train_specialist_task.options(**options).remote(shared, m, groups[m], cfg, threads): m
                    for m in todo}
+        del warming  # never waited on: a specialist may start on a worker that is still warming
         bar = tqdm(total=len(todo), desc="specialists", unit="specialist", disable=not progress)
         try:
             while futures:
