@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from .combine import active_specialists, solve_rows
+from .config import DUSTBIN_MODES, CombineConfig, load_config
 from .models import load_checkpoint, resolve_device
 from .rundir import RunDir, RunDirError
 from .specialist import SPECIALIST_FILE, dustbin_corrected, load_specialist
 
-DUSTBIN_MODES = ("active", "natural", "none")
 
 
 class SpecialistsModel:
@@ -29,25 +29,34 @@ class SpecialistsModel:
     Inputs are raw texts (a list of strings) for text runs and arrays or tensors
     of shape (N, *input_shape) for feature and image runs.
 
+    Options left as None take the run's `combine` config section (the values
+    its evaluate stage measured), else the defaults of `CombineConfig`:
     top_n: how many of the generalist's top classes activate specialists (paper: 1).
     dustbin: which dustbin-logit correction to apply to specialist outputs:
         "active" (the prior of the examples a specialist sees when gated by the
         generalist's top-1 class; measured never worse than none), "natural" (the
         training split's prior), or "none".
+    specialist_weight: weight of each active specialist's KL term; the generalist's is 1.
     use_specialists: False gives the generalist alone.
     """
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device = "auto", top_n: int = 1,
-                 dustbin: str = "active", use_specialists: bool = True):
+    def __init__(self, run_dir: str | Path, device: str | torch.device = "auto", top_n: int | None = None,
+                 dustbin: str | None = None, specialist_weight: float | None = None, use_specialists: bool = True):
         self.run = RunDir(run_dir)
         self.run.require(self.run.classes, self.run.generalist / "model.json", what="generalist")
+        saved = load_config(self.run.config).combine if self.run.config.is_file() else CombineConfig()
+        top_n = saved.top_n if top_n is None else top_n
+        dustbin = saved.dustbin if dustbin is None else dustbin
+        specialist_weight = saved.specialist_weight if specialist_weight is None else specialist_weight
         if dustbin not in DUSTBIN_MODES:
             raise ValueError(f"dustbin={dustbin!r} must be one of {DUSTBIN_MODES}")
+        if not specialist_weight > 0:
+            raise ValueError(f"specialist_weight={specialist_weight} must be > 0")
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.classes = self.run.read_classes()
         if not 1 <= top_n <= len(self.classes):
             raise ValueError(f"top_n={top_n} must be between 1 and the number of classes ({len(self.classes)})")
-        self.top_n, self.dustbin = top_n, dustbin
+        self.top_n, self.dustbin, self.specialist_weight = top_n, dustbin, float(specialist_weight)
         self.generalist = load_checkpoint(self.run.generalist, self.device)
         if self.generalist.head.out_features != len(self.classes):
             raise RunDirError(f"{self.run.generalist} predicts {self.generalist.head.out_features} classes but "
@@ -73,7 +82,8 @@ class SpecialistsModel:
     def mode(self) -> str:
         if not self.specialists:
             return "generalist alone (no finished specialists in the run directory)"
-        return f"generalist + {len(self.specialists)} specialists (top_n={self.top_n}, dustbin={self.dustbin})"
+        return (f"generalist + {len(self.specialists)} specialists (top_n={self.top_n}, dustbin={self.dustbin}, "
+                f"specialist_weight={self.specialist_weight:g})")
 
     def __repr__(self) -> str:
         return f"SpecialistsModel({str(self.run.root)!r}: {self.mode})"
@@ -113,7 +123,9 @@ class SpecialistsModel:
                     raise ValueError(f"specialist {info.get('id', m)} produced NaN/inf probabilities")
             parts["specialist_probs"].append(probs)
             parts["specialist_rows"].append(rows)
-        q = solve_rows(general, parts["specialist_probs"], self._classes_t, parts["specialist_rows"])
+        weights = torch.full((len(self.specialists),), self.specialist_weight, dtype=torch.float64, device=self.device)
+        q = solve_rows(general, parts["specialist_probs"], self._classes_t, parts["specialist_rows"],
+                       specialist_weights=weights)
         return q, parts
 
     def predict_proba(self, inputs, batch_size: int = 1024) -> np.ndarray:
@@ -154,5 +166,5 @@ class SpecialistsModel:
 
 
 def load(run_dir: str | Path, device: str | torch.device = "auto", **options) -> SpecialistsModel:
-    """Load a run directory for prediction; options: top_n, dustbin, use_specialists."""
+    """Load a run directory for prediction; options: top_n, dustbin, specialist_weight, use_specialists."""
     return SpecialistsModel(run_dir, device, **options)

@@ -20,9 +20,11 @@ import numpy as np
 from .cluster import ConfusionClusterer, CovarianceAccumulator, clusters_to_json, errors_inside_clusters
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .data import Dataset, DataError, load_dataset, read_text_csv, resolve_path
+from .generalist import fit_generalist
 from .models import create_model, load_checkpoint, model_kwargs, resolve_device, save_checkpoint
 from .parallel import train_specialists
-from .report import format_summary, write_report
+from .peer import train_peers
+from .report import format_results, format_summary, write_report
 from .rundir import RunDir, RunDirError, atomic_write, read_json, write_json, write_text
 from .specialist import specialists_done
 from .train import accuracy, iter_logits, predict_logits, predict_proba, seed_everything, train_model
@@ -41,24 +43,11 @@ def setup_torch(cfg: RunConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def build_model(cfg: RunConfig, dataset: Dataset) -> torch.nn.Module:
-    kwargs = model_kwargs(cfg.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
-    model = create_model(cfg.model.name, **kwargs)
-    if hasattr(model, "fit_normalizer"):
-        model.fit_normalizer(dataset.train.inputs)
-    return model
-
-
 def train_generalist(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,
                      progress: bool = True) -> dict:
     """Train the generalist on all classes; checkpoint and metrics into the run directory."""
-    seed_everything(cfg.seed)  # the initial weights too
-    model = build_model(cfg, dataset)
-    train_x = model.encode(dataset.train.inputs)
-    val_x = model.encode(dataset.val.inputs)
+    model, result = fit_generalist(cfg, dataset, device, seed=cfg.seed, progress=progress)
     test_x = model.encode(dataset.test.inputs)
-    result = train_model(model, train_x, dataset.train.labels, val_x, dataset.val.labels, cfg.train,
-                         seed=cfg.seed, device=device, desc="generalist", progress=progress)
     test_accuracy = accuracy(model, test_x, dataset.test.labels, cfg.train.eval_batch_size, device)
     save_checkpoint(model, run.generalist)
     write_json(run.generalist / "history.json", result.history)
@@ -241,7 +230,7 @@ def evaluate_run(run: RunDir, dataset: Dataset, device: torch.device, log: Log) 
         if rows.any():
             delta = int(correct[rows].sum()) - int(general_correct[rows].sum())
             base = int(general_correct[rows].sum())
-            by_covering.append({"specialists_covering": k, "examples": int(rows.sum()),
+            by_covering.append({"specialists_covering": k, "examples": int(rows.sum()), "generalist_correct": base,
                                 "change_in_correct": delta,
                                 "relative_gain": delta / base if base else float("nan")})
     general_errors, errors = int((~general_correct).sum()), int((~correct).sum())
@@ -340,6 +329,15 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
     else:
         _timed(run, "specialists", lambda: train_specialists(cfg, dataset, run, device, log, progress), "specialists")
 
+    if not cfg.peer.enabled:
+        log("peer ensemble: disabled (peer.enabled=false)")
+    elif not specialists_done(run):
+        log("peer ensemble: skipped, it matches the specialists' compute and there are none")
+    elif resume and _stage_done(run, "peer_ensemble", "test_accuracy"):
+        log("peer ensemble: already trained, skipped")
+    else:
+        _timed(run, "peer", lambda: train_peers(cfg, dataset, run, device, log, progress), "peer_ensemble")
+
     _timed(run, "evaluate", lambda: evaluate_run(run, dataset, device, log), "ensemble")
 
     run.update_metrics({"timings": {"total": round(time.perf_counter() - started, 3)}})
@@ -349,19 +347,27 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
 
 
 def summary_table(run: RunDir) -> str:
-    """A plain-text table of the run's headline metrics."""
+    """The run's metrics as plain text: `section.key value` for each scalar, then the test
+    results as tables (report.format_results), which stand in for the `ensemble` and
+    `peer_ensemble` sections."""
+
     metrics = run.read_metrics()
+    results = format_results(metrics)
+    tabled = {"ensemble", "peer_ensemble"} if results else set()
     rows = []
     for section, values in metrics.items():
-        if not isinstance(values, dict):
+        if not isinstance(values, dict) or section in tabled:
             continue
         for key, value in values.items():
             if isinstance(value, float):
                 value = f"{value:.4f}"
-            if isinstance(value, (int, str)) or isinstance(value, float):
+            if isinstance(value, (int, str)):
                 rows.append((f"{section}.{key}", str(value)))
     width = max((len(k) for k, _ in rows), default=10)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    if results:
+        lines += [""] + [f"  {line}".rstrip() for line in results.splitlines()]
+    return "\n".join(lines)
 
 
 def recluster(run_dir: str | Path, overrides: list[str] = (), log: Log = print) -> RunDir:

@@ -1,16 +1,19 @@
-"""The clustering inspection report: which classes each specialist owns, and why.
+"""The run report: which classes each specialist owns and why, and what they gained.
 
 `write_report` turns plain arrays (class names, the C x C matrix of the generalist's
-predicted probabilities, the clusters) into one directory:
+predicted probabilities, the clusters) and the run's metrics into one directory:
 
     index.html         self-contained page (PNGs embedded as data URIs)
     summary.md         the same tables in Markdown, PNGs referenced beside it
     heatmap.png        the matrix with classes reordered by cluster, blocks outlined
     cluster_sizes.png  histogram of cluster sizes
 
+With an `ensemble` section in the metrics, the page opens with the test results as the
+paper's Tables 3 and 4; `format_results` prints the same tables for the terminal.
+
 The small pure helpers it is built from (`cluster_order`, `within_between`,
-`reordered_image`, `error_share_inside`, `format_summary`, `md_escape`) are public so the CLI
-and tests can use them. Only numpy, matplotlib (Agg, no pyplot state) and stdlib:
+`reordered_image`, `error_share_inside`, `format_summary`, `format_results`, `md_escape`)
+are public so the CLI and tests can use them. Only numpy, matplotlib (Agg, no pyplot state) and stdlib:
 this module takes arrays, not objects from the rest of the package.
 """
 
@@ -24,6 +27,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ __all__ = [
     "reordered_image",
     "error_share_inside",
     "format_summary",
+    "format_results",
     "md_escape",
     "write_report",
 ]
@@ -354,6 +359,11 @@ class _Para:
 
 
 @dataclass
+class _Note(_Para):
+    """A paragraph that explains a table: on the page, left out of the terminal's text."""
+
+
+@dataclass
 class _List:
     items: list[str]
 
@@ -656,6 +666,152 @@ def _flatten(settings: Mapping, prefix: str = "") -> list[tuple[str, object]]:
     return items
 
 
+# --------------------------------------------------------------------------- results tables
+# Built from the `generalist`, `ensemble` and `peer_ensemble` sections of metrics.json,
+# rendered as HTML/Markdown by write_report and as plain text by format_results.
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _rate(value) -> str:
+    """An accuracy as a fraction, 4 decimals like the pipeline's log lines."""
+    return "—" if _missing(value) else f"{value:.4f}"
+
+
+def _count(value) -> str:
+    return "—" if _missing(value) else str(int(value))
+
+
+def _signed(value, percent: bool = False) -> str:
+    """'+222', '-1.7%' (value a fraction); exactly zero has no sign, like the paper's Table 4."""
+    if _missing(value):
+        return "—"
+    if percent:
+        return "0.0%" if value == 0 else f"{100 * value:+.1f}%"
+    return "0" if value == 0 else f"{int(value):+d}"
+
+
+def _comparison_table(metrics: Mapping) -> _Table:
+    """Generalist vs generalist + specialists vs the equal-compute peer ensemble, on the test set.
+
+    Rows appear as their sections allow: the specialists' row needs the ensemble's
+    `test_errors` (absent when the run has no finished specialists), the peers' row
+    the `peer_ensemble` section (absent when that stage is disabled)."""
+    ens, gen = metrics["ensemble"], metrics.get("generalist", {})
+    base_errors = ens.get("generalist_test_errors", gen.get("test_errors"))
+
+    def change(errors) -> str:  # relative to the generalist's errors, negative = fewer
+        if _missing(errors) or not base_errors:
+            return "—"
+        return _signed((errors - base_errors) / base_errors, percent=True)
+
+    rows = [[
+        "generalist",
+        _rate(ens.get("generalist_test_accuracy", gen.get("test_accuracy"))),
+        _count(base_errors),
+        "—",
+        _rate(ens.get("generalist_conditional_accuracy")),
+    ]]
+    if "test_errors" in ens:
+        rows.append([
+            "generalist + specialists",
+            _rate(ens.get("test_accuracy")),
+            _count(ens["test_errors"]),
+            change(ens["test_errors"]),
+            _rate(ens.get("conditional_accuracy")),
+        ])
+    peer = metrics.get("peer_ensemble")
+    if peer and "test_accuracy" in peer:
+        members = peer.get("members")
+        label = "peer ensemble"
+        if members is not None:
+            label += f" of {members} generalist" + ("s" if members != 1 else "")
+        rows.append([label, _rate(peer["test_accuracy"]), _count(peer.get("test_errors")),
+                     change(peer.get("test_errors")), "—"])
+    headers = ["model", "test accuracy", "test errors", "change in errors", "conditional accuracy"]
+    return _Table(headers, rows, html_id="results")
+
+
+def _covering_table(rows: Sequence[Mapping]) -> _Table:
+    """The paper's Table 4: test examples by how many specialists cover their true class."""
+    return _Table(
+        ["specialists covering", "test examples", "change in correct", "relative accuracy change"],
+        [
+            [_count(r.get("specialists_covering")), _count(r.get("examples")),
+             _signed(r.get("change_in_correct")), _signed(r.get("relative_gain"), percent=True)]
+            for r in rows
+        ],
+        html_id="by-covering",
+    )
+
+
+def _results_blocks(metrics: Mapping) -> list:
+    """Headings, notes and the two results tables; [] when there is no `ensemble` section."""
+    ens = metrics.get("ensemble")
+    if not ens:
+        return []
+    blocks = [_Heading(3, "Test accuracy of each model (like the paper's Table 3)")]
+    if ens.get("mode"):
+        blocks.append(_Para(f"Model: {ens['mode']}"))
+    blocks.append(_comparison_table(metrics))
+    peer = metrics.get("peer_ensemble")
+    if peer and "examples_seen" in peer and "budget_examples" in peer:
+        blocks.append(_Para(
+            "Peer ensemble: the generalist and generalists trained with other seeds, probabilities "
+            f"averaged; {peer['examples_seen']:,} training examples processed, against "
+            f"{peer['budget_examples']:,} by the generalist and the specialists."
+        ))
+    notes = ["Change in errors: test errors relative to the generalist's (negative = fewer)."]
+    if "covered_test_examples" in ens:
+        notes.append(
+            "Conditional accuracy: the argmax over only the classes of the specialists covering "
+            f"the true class, on the {ens['covered_test_examples']} test examples whose class a "
+            "specialist covers."
+        )
+    blocks.append(_Note(" ".join(notes)))
+    by_covering = ens.get("by_covering")
+    if by_covering:
+        blocks.append(_Heading(3, "By number of specialists covering the true class (like Table 4)"))
+        blocks.append(_covering_table(by_covering))
+        blocks.append(_Note(
+            "Change in correct: test examples the combination gets right minus those the generalist "
+            "gets right; relative accuracy change: that change over the generalist's correct ones."
+        ))
+    return blocks
+
+
+def _text_table(table: _Table) -> list[str]:
+    """Aligned plain-text lines: numeric columns right-aligned, a dashed rule under the header."""
+    num = _numeric_columns(table)
+    cells = [table.headers] + [[str(c) for c in row] for row in table.rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(table.headers))]
+
+    def line(row) -> str:
+        padded = (c.rjust(w) if j in num else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(padded).rstrip()
+
+    return [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+
+
+def format_results(metrics: Mapping, width: int = 100) -> str:
+    """The run's test results as plain text for the terminal: generalist vs generalist +
+    specialists vs the equal-compute peer ensemble (like the paper's Table 3), then the
+    change by number of specialists covering the true class (Table 4). Without the page's
+    explanatory notes; lines of text wrap at `width` columns. "" when the metrics have no
+    `ensemble` section."""
+    lines: list[str] = []
+    for block in _results_blocks(metrics):
+        if isinstance(block, _Heading):
+            lines += ([""] if lines else []) + [block.text + ":"]
+        elif isinstance(block, _Para) and not isinstance(block, _Note):
+            lines += textwrap.wrap(block.text, width)
+        elif isinstance(block, _Table):
+            lines += _text_table(block)
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -682,8 +838,10 @@ def write_report(
     uncovered: classes no specialist covers; None = every class in no group.
     error_pairs: (E, 2) (true, predicted) class indices of the generalist's
         validation errors, for the "errors specialists can fix" section.
-    metrics: nested dict of results, rendered generically (dicts -> tables,
-        lists of dicts -> tables with a row each); settings: the run's config.
+    metrics: nested dict of results (the run's metrics.json), rendered generically
+        (dicts -> tables, lists of dicts -> tables with a row each); with an
+        `ensemble` section the page opens with the results tables of format_results.
+    settings: the run's config.
     max_cells: heatmap side in cells; larger C is block-averaged down to it.
 
     Every file is written atomically, index.html last. Returns
@@ -722,6 +880,9 @@ def write_report(
     )
 
     doc = _Doc(title)
+    results = _results_blocks(metrics or {})
+    if results:
+        doc.add(_Heading(2, "Test results"), *results)
     doc.add(_Heading(2, "Summary"))
     doc.add(_List(format_summary(n, groups, uncovered=uncovered, error_pairs=pairs).splitlines()))
     doc.add(heatmap, sizes_img)

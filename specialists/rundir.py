@@ -70,6 +70,7 @@ class RunDir:
     clusters = property(lambda self: self.root / "clusters.json")
     specialists = property(lambda self: self.root / "specialists")
     report = property(lambda self: self.root / "report")
+    peers = property(lambda self: self.root / "peers")  # the equal-compute peer ensemble (peer.py)
 
     def create(self, resume: bool = False) -> "RunDir":
         """Make the folder; refuse to mix a new run into a non-empty one."""

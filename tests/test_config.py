@@ -39,6 +39,10 @@ def test_dumped_config_round_trips(tmp_path):
     ("nonsense=1", "nonsense"),
     ("train=3", "train"),
     ("novalue", "novalue"),
+    ("combine.top_n=0", "combine.top_n=0"),
+    ("combine.dustbin=always", "combine.dustbin='always'"),
+    ("combine.specialist_weight=0", "combine.specialist_weight=0.0"),
+    ("peer.max_members=1", "peer.max_members=1"),
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:

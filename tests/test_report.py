@@ -1,8 +1,10 @@
-"""The clustering report: real files in tmp_path, a planted 30-class example."""
+"""The run report: real files in tmp_path, a planted 30-class example, and the results
+tables (Tables 3-4) from a realistic metrics.json, on the page and in the terminal."""
 
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import math
 import os
@@ -21,6 +23,7 @@ from specialists import report
 from specialists.report import (
     cluster_order,
     error_share_inside,
+    format_results,
     format_summary,
     md_escape,
     reordered_image,
@@ -320,6 +323,175 @@ def test_format_summary(example):
         "errors inside one cluster (specialists can fix): 20 / 35 (57.1%)",
     ]
     assert "errors" not in format_summary(C, example["groups"])
+
+
+# --------------------------------------------------------------------------- results tables
+
+# A 1000-class run with a 20,000-example test set; the numbers add up like a real one:
+# 6790 generalist-correct = 7 + 5431 + 1352, 222 fewer errors = 0 + 151 + 71.
+RESULTS = {
+    "generalist": {"val_accuracy": 0.3428, "test_accuracy": 0.3395, "test_errors": 13210,
+                   "best_epoch": 15, "examples_seen": 1026000},
+    "specialists": {"count": 99, "trained": 99, "examples_seen": 1022976},
+    "ensemble": {
+        "mode": "generalist + 99 specialists (top_n=1, dustbin=active, specialist_weight=1)",
+        "test_accuracy": 0.3506, "generalist_test_accuracy": 0.3395,
+        "test_errors": 12988, "generalist_test_errors": 13210,
+        "error_reduction": 222 / 13210, "relative_accuracy_gain": 0.3506 / 0.3395 - 1,
+        "conditional_accuracy": 0.42277, "generalist_conditional_accuracy": 0.41166,
+        "covered_test_examples": 19980,
+        "by_covering": [
+            {"specialists_covering": 0, "examples": 20, "generalist_correct": 7,
+             "change_in_correct": 0, "relative_gain": 0.0},
+            {"specialists_covering": 1, "examples": 15980, "generalist_correct": 5431,
+             "change_in_correct": 151, "relative_gain": 151 / 5431},
+            {"specialists_covering": 2, "examples": 4000, "generalist_correct": 1352,
+             "change_in_correct": 71, "relative_gain": 71 / 1352},
+        ],
+    },
+    "peer_ensemble": {"members": 2, "budget_examples": 2048976, "examples_seen": 2026000,
+                      "val_accuracy": 0.3511, "val_errors": 3893,
+                      "test_accuracy": 0.3472, "test_errors": 13056,
+                      "member_val_accuracies": [0.3428, 0.3401], "member_test_accuracies": [0.3395, 0.3377]},
+    "timings": {"total": 64.621},
+}
+COMPARISON_HEADER = ["model", "test accuracy", "test errors", "change in errors", "conditional accuracy"]
+COVERING_HEADER = ["specialists covering", "test examples", "change in correct", "relative accuracy change"]
+GENERALIST_ROW = ["generalist", "0.3395", "13210", "—", "0.4117"]
+ENSEMBLE_ROW = ["generalist + specialists", "0.3506", "12988", "-1.7%", "0.4228"]  # -222 / 13210
+PEER_ROW = ["peer ensemble of 2 generalists", "0.3472", "13056", "-1.2%", "—"]  # -154 / 13210
+COVERING_ROWS = [["0", "20", "0", "0.0%"], ["1", "15980", "+151", "+2.8%"], ["2", "4000", "+71", "+5.3%"]]
+
+
+def without(metrics: dict, *path: str) -> dict:
+    """A deep copy of metrics with one key removed, e.g. without(m, "ensemble", "by_covering")."""
+    metrics = copy.deepcopy(metrics)
+    parent = metrics
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    return metrics
+
+
+NO_SPECIALISTS = {  # what evaluate_run writes for a run whose specialists are disabled
+    "generalist": RESULTS["generalist"],
+    "ensemble": {"mode": "generalist alone (no finished specialists in the run directory)",
+                 "test_accuracy": 0.3395, "generalist_test_accuracy": 0.3395},
+}
+
+
+def text_tables(text: str) -> list[list[str]]:
+    """Each plain-text table of format_results as its lines (header, rule, rows)."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if re.fullmatch(r"-+( +-+)+", line):  # the rule under a header: the header starts a table
+            current = [prev, line]
+            tables.append(current)
+        elif current is not None and line and not line.endswith(":") and "  " in line:
+            current.append(line)
+        else:
+            current = None
+        prev = line
+    return tables
+
+
+def cells(line: str) -> list[str]:
+    return re.split(r" {2,}", line.strip())
+
+
+def test_results_text_shows_both_tables_aligned():
+    text = format_results(RESULTS)
+    comparison, covering = text_tables(text)
+    assert cells(comparison[0]) == COMPARISON_HEADER
+    assert [cells(line) for line in comparison[2:]] == [GENERALIST_ROW, ENSEMBLE_ROW, PEER_ROW]
+    assert cells(covering[0]) == COVERING_HEADER
+    assert [cells(line) for line in covering[2:]] == COVERING_ROWS
+    for table in (comparison, covering):  # numbers right-aligned: every line ends in the same column
+        assert len({len(line) for line in table}) == 1, table
+    assert "Model: generalist + 99 specialists (top_n=1" in text
+    assert "2,026,000 training examples processed, against 2,048,976" in text
+    assert "Conditional accuracy:" not in text  # the page's notes stay off the terminal
+
+
+def test_results_without_peers_or_by_covering():
+    text = format_results(without(RESULTS, "peer_ensemble"))
+    comparison, covering = text_tables(text)
+    assert [cells(line) for line in comparison[2:]] == [GENERALIST_ROW, ENSEMBLE_ROW]
+    assert "peer" not in text.lower()
+    text = format_results(without(RESULTS, "ensemble", "by_covering"))
+    assert len(text_tables(text)) == 1 and "Table 4" not in text
+    assert [cells(line) for line in text_tables(text)[0][2:]] == [GENERALIST_ROW, ENSEMBLE_ROW, PEER_ROW]
+
+
+def test_results_without_specialists_show_the_generalist_alone():
+    text = format_results(NO_SPECIALISTS)
+    (comparison,) = text_tables(text)
+    assert [cells(line) for line in comparison[2:]] == [["generalist", "0.3395", "13210", "—", "—"]]
+    assert "Model: generalist alone" in text and "Table 4" not in text
+    assert format_results({"generalist": RESULTS["generalist"]}) == ""  # evaluate has not run
+    assert format_results({}) == ""
+
+
+def test_results_missing_values_show_a_dash():
+    metrics = copy.deepcopy(RESULTS)
+    metrics["ensemble"]["by_covering"].append(  # no generalist-correct example: relative gain undefined
+        {"specialists_covering": 3, "examples": 2, "generalist_correct": 0, "change_in_correct": 1,
+         "relative_gain": math.nan})
+    metrics["ensemble"]["conditional_accuracy"] = math.nan
+    comparison, covering = text_tables(format_results(metrics))
+    assert cells(comparison[3]) == ["generalist + specialists", "0.3506", "12988", "-1.7%", "—"]
+    assert cells(covering[-1]) == ["3", "2", "+1", "—"]
+
+
+def test_report_shows_the_results_tables(example, tmp_path):
+    write_report(tmp_path, example["names"], example["matrix"], example["groups"], metrics=RESULTS)
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    tables = tables_of(page)
+    assert tables["results"] == [COMPARISON_HEADER, GENERALIST_ROW, ENSEMBLE_ROW, PEER_ROW]
+    assert tables["by-covering"] == [COVERING_HEADER] + COVERING_ROWS
+    assert page.index('id="results"') < page.index("<h2>Summary</h2>")  # the results open the page
+    assert "on the 19980 test examples whose class a specialist covers" in page
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "| peer ensemble of 2 generalists | 0.3472 | 13056 | -1.2% | — |" in md
+    assert "| 2 | 4000 | +71 | +5.3% |" in md
+
+
+def test_report_without_peers_or_specialists(example, tmp_path):
+    args = example["names"], example["matrix"], example["groups"]
+    write_report(tmp_path / "nopeer", *args, metrics=without(RESULTS, "peer_ensemble"))
+    tables = tables_of((tmp_path / "nopeer" / "index.html").read_text())
+    assert tables["results"][1:] == [GENERALIST_ROW, ENSEMBLE_ROW]
+    assert tables["by-covering"][1:] == COVERING_ROWS
+    write_report(tmp_path / "alone", *args, metrics=NO_SPECIALISTS)
+    tables = tables_of((tmp_path / "alone" / "index.html").read_text())
+    assert tables["results"][1:] == [["generalist", "0.3395", "13210", "—", "—"]]
+    assert "by-covering" not in tables
+
+
+def test_report_without_an_ensemble_has_no_results_section(written):
+    out, _ = written  # METRICS has no ensemble section
+    page = (out / "index.html").read_text()
+    assert "Test results" not in page and "results" not in tables_of(page)
+
+
+def test_summary_table_prints_the_results_tables(tmp_path):
+    from specialists.pipeline import summary_table
+    from specialists.rundir import RunDir, write_json
+
+    write_json(tmp_path / "metrics.json", RESULTS)
+    text = summary_table(RunDir(tmp_path))
+    assert re.search(r"^  generalist\.test_accuracy +0\.3395$", text, re.M)
+    assert re.search(r"^  timings\.total +64\.6210$", text, re.M)
+    assert "ensemble.test_errors" not in text and "peer_ensemble." not in text  # shown as tables instead
+    comparison, covering = text_tables("\n".join(line[2:] for line in text.splitlines()))
+    assert [cells(line) for line in comparison[2:]] == [GENERALIST_ROW, ENSEMBLE_ROW, PEER_ROW]
+    assert [cells(line) for line in covering[2:]] == COVERING_ROWS
+
+    write_json(tmp_path / "metrics.json", {"generalist": RESULTS["generalist"]})  # before evaluate
+    assert summary_table(RunDir(tmp_path)).splitlines()[1].startswith("  generalist.test_accuracy")
+    write_json(tmp_path / "metrics.json", NO_SPECIALISTS)
+    text = summary_table(RunDir(tmp_path))
+    assert "ensemble.mode" not in text and "generalist alone" in text and "peer" not in text
 
 
 def test_large_matrix_is_block_averaged(tmp_path):

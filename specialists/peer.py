@@ -1,0 +1,87 @@
+"""The equal-compute baseline: an ensemble of generalists (the `peer` stage).
+
+What a user would train instead of specialists, given the same compute: more
+generalists with other seeds, their probabilities averaged. Compute is counted
+as training examples processed (forward + backward passes, `examples_seen`);
+the budget is the generalist's plus every specialist's. Member 0 is the run's
+own generalist; member k >= 1 is the same model and schedule with seed
+`seed + k`, its epochs capped so that the members together stay within the
+budget (early stopping may end one sooner, leaving the rest to the next).
+Members are saved under `peers/<k>/`, each with its `member.json` written
+last, so `--resume` keeps the finished ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data import Dataset
+from .generalist import fit_generalist
+from .models import load_checkpoint, save_checkpoint
+from .rundir import RunDir, read_json, write_json
+from .train import predict_proba
+
+MEMBER_FILE = "member.json"
+
+
+def peer_budget(metrics: dict) -> int:
+    """Examples processed by generalist + specialists, from a run's metrics."""
+    return int(metrics["generalist"]["examples_seen"]) + int(metrics.get("specialists", {}).get("examples_seen", 0))
+
+
+def _train_member(cfg: RunConfig, dataset: Dataset, run: RunDir, k: int, epochs: int, device: torch.device,
+                  progress: bool) -> dict:
+    folder = run.peers / str(k)
+    done = folder / MEMBER_FILE
+    if done.is_file():
+        return read_json(done)
+    model, result = fit_generalist(cfg, dataset, device, seed=cfg.seed + k, epochs=epochs, desc=f"peer {k}",
+                                   progress=progress)
+    save_checkpoint(model, folder)
+    info = {"member": k, "seed": cfg.seed + k, "epochs_allowed": epochs, "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch, "examples_seen": result.examples_seen,
+            "val_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 3)}
+    write_json(done, info)  # last: its presence means the checkpoint is whole
+    return info
+
+
+def train_peers(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device,
+                log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Train the peer ensemble within the budget and measure it; returns the `peer_ensemble` metrics section."""
+    metrics = run.read_metrics()
+    budget = peer_budget(metrics)
+    used = int(metrics["generalist"]["examples_seen"])
+    epoch_size = len(dataset.train)
+    members = [{"member": 0, "seed": cfg.seed, "examples_seen": used,
+                "val_accuracy": metrics["generalist"]["val_accuracy"]}]
+    while len(members) < cfg.peer.max_members:
+        epochs = min(cfg.train.epochs, (budget - used) // epoch_size)
+        if epochs < 1:
+            break
+        info = _train_member(cfg, dataset, run, len(members), epochs, device, progress)
+        used += info["examples_seen"]
+        members.append(info)
+        log(f"peer {info['member']}: seed {info['seed']}, {info['epochs_run']} of {epochs} epochs, val accuracy "
+            f"{info['val_accuracy']:.4f}")
+
+    folders = [run.generalist] + [run.peers / str(m["member"]) for m in members[1:]]
+    probs = {split: [] for split in ("val", "test")}
+    for folder in folders:
+        model = load_checkpoint(folder, device)
+        for split in probs:
+            probs[split].append(predict_proba(model, model.encode(getattr(dataset, split).inputs),
+                                              cfg.train.eval_batch_size, device))
+    section = {"members": len(members), "budget_examples": budget, "examples_seen": used}
+    for split, member_probs in probs.items():
+        labels = getattr(dataset, split).labels
+        correct = np.mean(member_probs, axis=0).argmax(1) == labels  # arithmetic mean of the members
+        section[f"{split}_accuracy"] = float(correct.mean())
+        section[f"{split}_errors"] = int((~correct).sum())
+        section[f"member_{split}_accuracies"] = [float((p.argmax(1) == labels).mean()) for p in member_probs]
+    log(f"peer ensemble: {len(members)} generalists, {used:,} of {budget:,} examples, test accuracy "
+        f"{section['test_accuracy']:.4f} ({section['test_errors']} errors)")
+    return section
