@@ -12,10 +12,11 @@ paper's Table 4 (gain by the number of specialists covering the true class).
 clusters, and prints validation and test errors of the combination:
 
 * combination only (same specialists): the paper's recipe (top_n=1, equal
-  weights), top_n 1 / 3, specialist_weight 1 / 2, dustbin correction off or
-  for the natural prior;
+  weights), top_n 1 / 2 / 3 (one of them is the config's), specialist_weight
+  1 / 2, dustbin correction off or for the natural prior;
 * specialists retrained (into `DIR/seed<s>-<variant>`, the generalist's files
-  copied): no soft-target regularisation (soft_weight=0), no dustbin prior
+  copied): no soft-target regularisation (soft_weight=0; or, where the config
+  has none, soft_weight=0.5), no dustbin prior
   shift in training (dustbin_correction=none), the generalist's learning rate
   and patience (specialists.lr=0, patience=-1), each class in up to 2 clusters
   (cluster.overlap=2).
@@ -41,6 +42,7 @@ COMBINE_VARIANTS = {  # name: SpecialistsModel options
     "default": {},
     "paper recipe (top_n=1, weight 1)": {"top_n": 1, "specialist_weight": 1.0},
     "top_n=1": {"top_n": 1},
+    "top_n=2": {"top_n": 2},
     "top_n=3": {"top_n": 3},
     "specialist_weight=1": {"specialist_weight": 1.0},
     "specialist_weight=2": {"specialist_weight": 2.0},
@@ -52,7 +54,7 @@ TRAIN_VARIANTS = {  # name: (folder suffix, config overrides)
     "no soft targets (soft_weight=0)": ("nosoft", ["specialists.soft_weight=0"]),
     "no dustbin prior shift in training": ("noprior", ["specialists.dustbin_correction=none"]),
     "generalist's lr and patience": ("genlr", ["specialists.lr=0", "specialists.patience=-1"]),
-    "overlap: each class in up to 2 clusters": ("overlap2", ["cluster.overlap=2"]),
+    "overlap: each class in up to 3 clusters": ("overlap", ["cluster.overlap=3"]),
 }
 
 
@@ -92,6 +94,25 @@ def errors(run: RunDir, **options) -> tuple[int, int]:
                  for split in (dataset.val, dataset.test))
 
 
+TABLE4_HEADER = ("covering", "examples", "change in correct", "relative gain")
+
+
+def table4(by_covering: list[list[dict]]) -> list[tuple]:
+    """Rows of the paper's Table 4 from several runs' `ensemble.by_covering`, summed."""
+    sums: dict[int, list[int]] = {}
+    for rows in by_covering:
+        for row in rows:
+            examples, change, base = sums.get(row["specialists_covering"], [0, 0, 0])
+            sums[row["specialists_covering"]] = [examples + row["examples"], change + row["change_in_correct"],
+                                                 base + row["generalist_correct"]]
+    return [(k, n, f"{d:+d}", f"{d / b:+.1%}" if b else "-") for k, (n, d, b) in sorted(sums.items())]
+
+
+def seconds(metrics: dict) -> float:
+    """The run's stages together (timings.total is only the last, possibly resumed, invocation's)."""
+    return sum(v for k, v in metrics["timings"].items() if k not in ("total", "report"))
+
+
 def print_table(rows: list[tuple], header: tuple) -> None:
     rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     width = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -107,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ablation", action="store_true", help="also vary one part at a time")
     parser.add_argument("--out", default="runs/accuracy", help="where the runs go (reused when finished)")
+    parser.add_argument("--overlap-ratio", type=float, default=1.5,
+                        help="cluster.overlap_ratio of the overlap variant (how much farther a second cluster may be)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,24 +144,17 @@ def main() -> None:
                                   "ensemble_test_errors": e["test_errors"], "error_reduction": e["error_reduction"],
                                   "relative_accuracy_gain": e["relative_accuracy_gain"],
                                   "peer_test_errors": p.get("test_errors"), "peer_members": p.get("members"),
-                                  "by_covering": e["by_covering"], "seconds": m["timings"]["total"]}
+                                  "by_covering": e["by_covering"], "seconds": seconds(m)}
         general = e["generalist_test_errors"]
         peer = f"{p['test_errors']} ({p['members']} members, {(general - p['test_errors']) / general:+.1%})" if p else "-"
         rows.append((seed, f"{e['generalist_test_accuracy']:.4f}", general, f"{e['test_accuracy']:.4f}",
                      e["test_errors"], f"{e['error_reduction']:.1%}", f"{e['relative_accuracy_gain']:+.1%}", peer,
-                     f"{m['timings']['total']:.0f}"))
+                     f"{seconds(m):.0f}"))
     print(f"\n{args.config or 'default (Banking77)'}: seeds {args.seeds}")
     print_table(rows, ("seed", "generalist acc", "errors", "ensemble acc", "errors", "fewer errors", "rel. gain",
                        "peer ensemble errors", "run s"))
     print("\nby number of specialists covering the true class (the paper's Table 4), summed over seeds:")
-    table4: dict[int, list[int]] = {}
-    for r in results["seeds"].values():
-        for row in r["by_covering"]:
-            k = row["specialists_covering"]
-            examples, change, base = table4.get(k, [0, 0, 0])
-            table4[k] = [examples + row["examples"], change + row["change_in_correct"], base + row["generalist_correct"]]
-    print_table([(k, n, d, f"{d / b:+.1%}" if b else "-") for k, (n, d, b) in sorted(table4.items())],
-                ("covering", "examples", "change in correct", "relative gain"))
+    print_table(table4([r["by_covering"] for r in results["seeds"].values()]), TABLE4_HEADER)
 
     if args.ablation:
         ablation: dict = {}
@@ -146,8 +162,17 @@ def main() -> None:
             base = RunDir(out / f"seed{seed}")
             for name, options in COMBINE_VARIANTS.items():
                 ablation.setdefault(name, []).append(errors(base, **options))
-            for name, (suffix, overrides) in TRAIN_VARIANTS.items():
-                ablation.setdefault(name, []).append(errors(variant_run(base, suffix, overrides)))
+            variants = dict(TRAIN_VARIANTS)
+            if load_config(base.config).specialists.soft_weight == 0:  # the config has none: try them instead
+                del variants["no soft targets (soft_weight=0)"]
+                variants = {"soft targets (soft_weight=0.5)": ("soft", ["specialists.soft_weight=0.5"]), **variants}
+            for name, (suffix, overrides) in variants.items():
+                if suffix == "overlap":
+                    overrides = [*overrides, f"cluster.overlap_ratio={args.overlap_ratio}"]
+                variant = variant_run(base, suffix, overrides)
+                ablation.setdefault(name, []).append(errors(variant))
+                if suffix == "overlap":  # Table 4 of the overlapping clusters
+                    results.setdefault("overlap_by_covering", {})[seed] = variant.read_metrics()["ensemble"]["by_covering"]
         results["ablation"] = {k: [list(v) for v in vals] for k, vals in ablation.items()}
         general = ablation["generalist alone"]
         print(f"\nablation: validation / test errors (seeds {args.seeds}; mean change in test errors vs the "
@@ -155,6 +180,8 @@ def main() -> None:
         print_table([(name, " ".join(f"{v}/{t}" for v, t in vals),
                       f"{np.mean([(g[1] - t) / g[1] for (_, t), g in zip(vals, general)]):+.1%} fewer")
                      for name, vals in ablation.items()], ("variant", "val/test errors per seed", "test"))
+        print("\nTable 4 with overlapping clusters (the overlap variant), summed over seeds:")
+        print_table(table4(list(results["overlap_by_covering"].values())), TABLE4_HEADER)
     write_json(out / "accuracy.json", results)
     print(f"\nwritten: {out / 'accuracy.json'}")
 

@@ -34,7 +34,8 @@ TINY_SYNTHETIC = [
 
 
 def tiny_config(*overrides: str):
-    return load_config(None, [*TINY_SYNTHETIC, *overrides])
+    # groups of the planted size: 4 specialists (the default, 20 classes a cluster, would make 2)
+    return load_config(None, [*TINY_SYNTHETIC, "cluster.classes_per_cluster=10", *overrides])
 
 
 def write_csv(path: Path, rows: list[list[str]], header=("text", "intent")) -> Path:

@@ -84,15 +84,29 @@ def _client(url, headers, head, timeout=90):
             time.sleep(0.5)
 
 
+def _submit(client, head, timeout: float = 120.0, **job) -> str:
+    """submit_job, retried while the head's job agent is still starting (Ray answers 500 "No available agent")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_a_job_submitted_to_a_ray_head_trains_the_specialists(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
     url, headers, head = ray_head
     client = _client(url, headers, head)
     out = tmp_path / "job-run"
-    args = ["--out", str(out), "--quiet", *TINY_SYNTHETIC, "specialists.enabled=true", "ray.cpus_per_task=1"]
+    args = ["--out", str(out), "--quiet", *TINY_SYNTHETIC, "cluster.classes_per_cluster=10", "specialists.enabled=true",
+            "ray.cpus_per_task=1", "peer.enabled=false"]
     entrypoint = shlex.join([sys.executable, "-m", "jobs.run", *args])
-    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
+    job = _submit(client, head, entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})
     deadline = time.monotonic() + 240
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, f"job still {status} after 240s:\n{client.get_job_logs(job)[-3000:]}"
