@@ -52,6 +52,10 @@ _TINY = 1e-300  # q is clamped here inside log q
 # zero class gets this much mass, relative to the row's total weight W.
 _FLOOR = 1e-10
 _CHUNK_ELEMENTS = 1 << 24  # bounds the (rows, K, k, K) membership tensors
+# The Newton solver stops at a relative KKT residual tol, or earlier when
+# float64 can do no better; it warns where the dustbin mass it leaves misplaced,
+# max_m |r_m D_m - a_m| / W, is above max(tol, _WARN_TOL).
+_WARN_TOL = 1e-8
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +130,9 @@ def solve(
     class indices. active: (N, M) bool. general_weights: (G,), specialist_weights:
     (M,), default all ones; weights are not normalised (a specialist of weight 2
     counts as two). tol: relative KKT residual |r_m D_m / a_m - 1| at which the
-    Newton iteration stops; max_iter caps it.
+    Newton iteration stops; max_iter caps it. A RuntimeWarning names the
+    examples left with more than max(tol, 1e-8) of their total weight W of
+    dustbin mass misplaced, max_m |r_m D_m - a_m| / W, and the largest such.
 
     Math (mean="arithmetic"). Write b_c = sum_g w_g p_gc + sum_{m active, c in S_m}
     w_m p_mc, a_m = w_m d_m (d_m: dustbin probability), W = sum_c b_c + sum_m a_m.
@@ -720,6 +726,7 @@ def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
     scale = 1 / b_out  # (N,) multiplies the generalist mass on classes outside every active specialist
     shift = torch.zeros_like(b_out)  # (N,) added to those classes (floor of a degenerate row)
     values = torch.zeros_like(general_union)  # (Na, K, k_max) q on the active classes
+    misplaced = torch.zeros_like(b_out)  # (N,) dustbin mass / W that Newton left misplaced
     # Examples with K active specialists are solved together, so that work
     # grows with K^2 per example, not with the largest K in the batch.
     n_slots = counts[examples]  # (Na,)
@@ -729,11 +736,12 @@ def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
         for start in range(0, len(group), rows_per_chunk):
             i = group[start: start + rows_per_chunk]
             ex = examples[i]
-            values[i, :k], scale[ex], shift[ex] = _solve_chunk(
+            values[i, :k], scale[ex], shift[ex], misplaced[ex] = _solve_chunk(
                 layout, pair_in, n_classes, tol, max_iter,
                 spec[i, :k], valid[i, :k], slot_pair[i, :k], weight[i, :k], dust[i, :k],
                 classes[i, :k], entry_valid[i, :k], general_union[i, :k], b_out[ex], spec_total[i],
             )
+    _warn_unconverged(misplaced, tol, max_iter)
     q.mul_(scale.to(dtype)[:, None])
     if (shift > 0).any():
         q.add_(shift.to(dtype)[:, None])
@@ -741,12 +749,26 @@ def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
     return q
 
 
+def _warn_unconverged(misplaced: Tensor, tol: float, max_iter: int) -> None:
+    """Warn about the examples whose misplaced dustbin mass / W is above max(tol, _WARN_TOL)."""
+    bad = misplaced > max(tol, _WARN_TOL)
+    count = int(bad.sum())
+    if count:
+        worst = int(misplaced.argmax())
+        warnings.warn(
+            f"combine.solve: {count} of {len(misplaced)} examples not converged (tol={tol}, "
+            f"max_iter={max_iter}): up to {misplaced[worst].item():.2e} of an example's total weight W "
+            f"is misplaced, max_m |r_m D_m - a_m| / W (example {worst}); q there is approximate",
+            RuntimeWarning, stacklevel=4)
+
+
 def _solve_chunk(layout, pair_in, n_classes, tol, max_iter,
                  spec, valid, slot_pair, weight, a, classes, entry_valid, general_union, b_out, spec_total):
     """Solve the examples of one chunk; every (n, K, k) tensor indexes (example, slot, class position).
 
     Returns q on the active classes (n, K, k), and for the classes outside every
-    active specialist q_c = scale * (generalist mass) + shift, scale and shift (n,).
+    active specialist q_c = scale * (generalist mass) + shift, scale and shift (n,);
+    then the misplaced dustbin mass / W (n,) of the rows solved by Newton, 0 elsewhere.
     """
     n, k_slots, k_max = classes.shape
     device = classes.device
@@ -790,11 +812,11 @@ def _solve_chunk(layout, pair_in, n_classes, tol, max_iter,
     y_out = y_rest
 
     many = (n_free >= 2).nonzero().squeeze(1)
+    misplaced = torch.zeros_like(total)
     if len(many):
         member_f = (member & primary[..., None]).double().reshape(n, -1, k_slots)[many]
-        r = _newton(b_primary.reshape(n, -1)[many], member_f, b_out[many], total[many], a[many],
-                    tol, max_iter)
-        y_out_many = total[many] - r.sum(1)
+        r, y_out_many, misplaced[many] = _newton(b_primary.reshape(n, -1)[many], member_f, b_out[many],
+                                                total[many], a[many], tol, max_iter)
         y[many] = y_out_many[:, None, None] + torch.einsum("ikjl,il->ikj", member[many].double(), r)
         y_out[many] = y_out_many
 
@@ -803,7 +825,23 @@ def _solve_chunk(layout, pair_in, n_classes, tol, max_iter,
     norm = q_out + torch.where(primary, q_active, 0.0).sum((1, 2))  # 1 up to rounding
     scale = 1 / (y_out * norm)
     shift = torch.where(out_floor > 0, out_floor / n_out.clamp_min(1) * scale, 0.0)
-    return q_active / norm[:, None, None], scale, shift
+    return q_active / norm[:, None, None], scale, shift, misplaced
+
+
+def _solve_spd(m: Tensor, rhs: Tensor) -> Tensor:
+    """Solve m x = rhs for (n, K, K) symmetric positive semi-definite m, (n, K, R) rhs.
+
+    LU first; where m is singular in float64 (a few huge terms of rank one can
+    swamp it), the pseudo-inverse instead, which drops the lost directions.
+    """
+    x, info = torch.linalg.solve_ex(m, rhs)
+    bad = (info != 0) | ~torch.isfinite(x).all(2).all(1)
+    if bad.any():
+        lam, vec = torch.linalg.eigh(m[bad])
+        keep = lam > lam.amax(1, keepdim=True) * m.shape[1] * torch.finfo(m.dtype).eps
+        inv = torch.where(keep, 1 / torch.where(keep, lam, 1.0), 0.0)
+        x[bad] = vec @ (inv[:, :, None] * (vec.transpose(1, 2) @ rhs[bad]))
+    return x
 
 
 def _newton(b, member, b_out, total, a, tol, max_iter):
@@ -813,82 +851,119 @@ def _newton(b, member, b_out, total, a, tol, max_iter):
     each active class (each class once, 0 for padding); member: (n, E, K) float
     0/1; b_out, total (W): (n,); a: (n, K) dustbin masses, slots with a = 0 stay
     at r = 0. f is convex; at its minimiser sum_c b_c / y_c + b_out / y_out = 1.
-    Returns r (n, K).
+    Stops at a relative KKT residual max_m |r_m D_m / a_m - 1| <= tol, at
+    max_iter, or when a step can no longer change r and the y in float64.
+    Returns r (n, K), y_out (n,) and there max_m |r_m D_m - a_m| / W (n,): the
+    dustbin mass that q misplaces, as a fraction of W (<= the relative residual).
+
+    y_out is carried along with r and updated by the steps, never recomputed
+    as W - sum r: at the optimum it can be many orders below W (the classes
+    outside every active specialist get far more than the generalists' mass),
+    and the difference would leave it, and every q_c = b_c / y_c, few correct
+    digits. The iterate is then exact for a W within rounding of the given one.
+    Likewise D_m and the Hessian are sums over the classes outside S_m, taken
+    directly, not as total - inside.
     """
     n, k_slots = a.shape
     free = a > 0
     has_b, has_out = b > 0, b_out > 0
     eye = torch.eye(k_slots, dtype=a.dtype, device=a.device)
     inf = torch.tensor(math.inf, dtype=a.dtype, device=a.device)
+    eps = torch.finfo(a.dtype).eps
     safe_a = torch.where(free, a, 1.0)
+    outside_member = 1 - member
 
-    def denominators(r, i):
-        y_out = total[i] - r.sum(1)
-        return y_out[:, None] + torch.einsum("iek,ik->ie", member[i], r), y_out
+    def denominators(r, y_out, i):
+        return y_out[:, None] + torch.einsum("iek,ik->ie", member[i], r)
 
     def value(r, y, y_out, i):
         return -(torch.xlogy(b[i], y).sum(1) + torch.xlogy(b_out[i], y_out) + torch.xlogy(a[i], r).sum(1))
 
-    def max_step(r, d, y, y_out, i):
-        """Largest alpha keeping r + alpha d inside the domain of f."""
-        fall_out = d.sum(1)  # how fast y_out falls along d
-        fall = fall_out[:, None] - torch.einsum("iek,ik->ie", member[i], d)
+    def max_step(r, d, d_out, y, y_out, i):
+        """Largest alpha keeping (r + alpha d, y_out + alpha d_out) inside the domain of f."""
+        fall = -d_out[:, None] - torch.einsum("iek,ik->ie", member[i], d)  # how fast each y_c falls
         alpha = torch.where(has_b[i] & (fall > 0), y / fall, inf).amin(1)
-        alpha = torch.minimum(alpha, torch.where(has_out[i] & (fall_out > 0), y_out / fall_out, inf))
+        alpha = torch.minimum(alpha, torch.where(has_out[i] & (d_out < 0), -y_out / d_out, inf))
         return torch.minimum(alpha, torch.where(free[i] & (d < 0), -r / d, inf).amin(1))
 
-    # Start at r = a (D = 1, strictly feasible), move toward each specialist's
-    # own closed form r_m = a_m W / (B_m + a_m) as far as the domain allows.
+    # Start at r = a (D = 1, strictly feasible; y_out = W - sum a, the mass b of
+    # all the classes), move toward each specialist's own closed form
+    # r_m = a_m W / (B_m + a_m) as far as the domain allows.
     everyone = torch.arange(n, device=a.device)
     r = a.clone()
-    outside_mass = b_out[:, None] + torch.einsum("ie,iek->ik", b, 1 - member)
+    y_out = b_out + b.sum(1)
+    outside_mass = b_out[:, None] + torch.einsum("ie,iek->ik", b, outside_member)
     target = torch.where(free, a * total[:, None] / (outside_mass + safe_a), 0.0)
-    y, y_out = denominators(r, everyone)
-    alpha = (0.99 * max_step(r, target - r, y, y_out, everyone)).clamp(max=1)
-    r = r + alpha[:, None] * (target - r)
+    d = target - r
+    alpha = (0.99 * max_step(r, d, -d.sum(1), denominators(r, y_out, everyone), y_out, everyone)).clamp(max=1)
+    r = r + alpha[:, None] * d
+    y_out = y_out - alpha * d.sum(1)
 
+    misplaced_mass = torch.zeros(n, dtype=a.dtype, device=a.device)  # at each example's last iterate
     live = everyone
-    for _ in range(max_iter):
+    for iteration in range(max_iter + 1):
         if len(live) == 0:
             break
-        r_live, a_live, free_live = r[live], a[live], free[live]
-        y, y_out = denominators(r_live, live)
+        r_live, y_out_live, a_live, free_live = r[live], y_out[live], a[live], free[live]
+        y = denominators(r_live, y_out_live, live)
         q = torch.where(has_b[live], b[live] / y, 0.0)  # (n, E)
-        q_out = torch.where(has_out[live], b_out[live] / y_out, 0.0)
-        outside = (q_out + q.sum(1))[:, None] - torch.einsum("ie,iek->ik", q, member[live])  # D_m
+        q_out = torch.where(has_out[live], b_out[live] / y_out_live, 0.0)
+        not_in = outside_member[live]
+        outside = q_out[:, None] + torch.einsum("ie,iek->ik", q, not_in)  # D_m
         grad = torch.where(free_live, outside - a_live / r_live.where(free_live, 1.0), 0.0)
-        residual = (grad * r_live / safe_a[live]).abs().amax(1)  # |r_m D_m / a_m - 1|
-        done = residual <= tol
+        misplaced = (grad * r_live).abs()  # |r_m D_m - a_m|
+        misplaced_mass[live] = misplaced.amax(1) / total[live]
+        go = (misplaced / safe_a[live]).amax(1) > tol  # |r_m D_m / a_m - 1|
+        if iteration == max_iter or not go.any():
+            break
+        if not go.all():
+            live, r_live, y_out_live, a_live, free_live = (
+                live[go], r_live[go], y_out_live[go], a_live[go], free_live[go])
+            y, q, q_out, not_in, grad = y[go], q[go], q_out[go], not_in[go], grad[go]
 
+        # Hessian H = M + v_out 1 1^T, M = sum_c (q_c / y_c) u_c u_c^T + diag(a / r^2),
+        # u_c the indicator of the slots whose S_m miss c. When y_out is tiny,
+        # v_out = q_out / y_out swamps M and H is singular in float64: solve
+        # with M (Jacobi-scaled, its scales differ by orders) and add the
+        # rank-one term by Sherman-Morrison. The step of y_out, -1^T step, is
+        # formed directly: it can be far below the steps of r.
         v = q / y
-        v_out = q_out / y_out
-        cross = torch.einsum("ie,iek,iel->ikl", v, member[live], member[live])  # mass in S_k and S_l
-        diag = cross.diagonal(dim1=1, dim2=2)
-        hessian = ((v_out + v.sum(1))[:, None, None] - diag[:, :, None] - diag[:, None, :] + cross
-                   + torch.diag_embed(torch.where(free_live, a_live / r_live.where(free_live, 1.0) ** 2, 0.0)))
-        hessian = torch.where(free_live[:, :, None] & free_live[:, None, :], hessian, eye)
-        s = hessian.diagonal(dim1=1, dim2=2).rsqrt()  # Jacobi scaling: scales differ by orders
-        step = -s * torch.linalg.solve(hessian * s[:, :, None] * s[:, None, :], s * grad)
+        v_out = q_out / y_out_live
+        ones = free_live.to(a.dtype)
+        m = (torch.einsum("ie,iek,iel->ikl", v, not_in, not_in)
+             + torch.diag_embed(torch.where(free_live, a_live / r_live.where(free_live, 1.0) ** 2, 0.0)))
+        m = torch.where(free_live[:, :, None] & free_live[:, None, :], m, eye)
+        s = m.diagonal(dim1=1, dim2=2).rsqrt()
+        x = s[:, :, None] * _solve_spd(m * s[:, :, None] * s[:, None, :], torch.stack([s * grad, s * ones], dim=2))
+        x_grad, x_ones = x[..., 0], x[..., 1]  # M^-1 grad, M^-1 1
+        along = (ones * x_grad).sum(1)
+        shrink = 1 / (1 + v_out * (ones * x_ones).sum(1))  # 1^T H^-1 grad = shrink * 1^T M^-1 grad
+        step = -(x_grad - (v_out * shrink * along)[:, None] * x_ones)
+        step_out = shrink * along  # -1^T step
         decrease = -(grad * step).sum(1)
 
         # fraction to the boundary, then halve until Armijo holds (with slack
         # for rounding, so that the last quadratic steps are not refused)
-        f0 = value(r_live, y, y_out, live)
-        slack = 16 * torch.finfo(f0.dtype).eps * (f0.abs() + 1)
-        alpha = (0.99 * max_step(r_live, step, y, y_out, live)).clamp(max=1)
-        pending = ~done
+        f0 = value(r_live, y, y_out_live, live)
+        slack = 16 * eps * (f0.abs() + 1)
+        alpha = (0.99 * max_step(r_live, step, step_out, y, y_out_live, live)).clamp(max=1)
+        pending = torch.ones_like(alpha, dtype=torch.bool)
         for _ in range(60):
             r_try = r_live + alpha[:, None] * step
-            accept = pending & (value(r_try, *denominators(r_try, live), live)
+            y_out_try = y_out_live + alpha * step_out
+            accept = pending & (value(r_try, denominators(r_try, y_out_try, live), y_out_try, live)
                                 <= f0 - 1e-4 * alpha * decrease + slack)
             r[live[accept]] = r_try[accept]
+            y_out[live[accept]] = y_out_try[accept]
             pending &= ~accept
             if not pending.any():
                 break
             alpha = torch.where(pending, alpha / 2, alpha)
-        tiny = (alpha[:, None] * step).abs() <= 4 * torch.finfo(a.dtype).eps * r_live
-        live = live[~(done | pending | tiny.all(1))]
-    if len(live):
-        warnings.warn(f"combine.solve: {len(live)} examples not converged to tol={tol} in max_iter={max_iter}",
-                      RuntimeWarning, stacklevel=4)
-    return r
+        # a step that no longer changes r and the y, or that no line search
+        # accepts: as close as float64 gets (the caller judges the residual)
+        move_out = alpha * step_out
+        move = move_out[:, None] + alpha[:, None] * torch.einsum("iek,ik->ie", member[live], step)
+        tiny = (((alpha[:, None] * step).abs() <= 4 * eps * r_live).all(1)
+                & (move_out.abs() <= 4 * eps * y_out_live) & (move.abs() <= 4 * eps * y).all(1))
+        live = live[~(pending | tiny)]
+    return r, y_out, misplaced_mass
