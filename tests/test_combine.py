@@ -3,6 +3,7 @@
 import math
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 
@@ -372,3 +373,30 @@ def test_bad_options_raise():
     rows[0] = torch.tensor([3, 1, 12])
     with pytest.raises(ValueError, match=r"specialist_rows\[0\] contains example 12"):
         solve_rows(problem["general_probs"], probs, problem["specialist_classes"], rows)
+
+
+
+def test_real_rows_that_did_not_converge_now_do():
+    """Three Banking77 test examples (top_n=3, specialist weight 4, two active specialists each) on which
+    the Newton iteration used to stop unconverged: W - sum(r) lost its digits to cancellation. Now no
+    RuntimeWarning, and the objective is at the reference solver's optimum."""
+    import warnings
+    from pathlib import Path
+
+    from specialists.combine import objective, solve_reference, solve_rows
+
+    data = np.load(Path(__file__).parent / "data" / "combine_unconverged.npz")
+    for j in range(3):
+        general = torch.from_numpy(data[f"ex{j}_general"])[None]
+        probs = [torch.from_numpy(data[f"ex{j}_probs{m}"])[None] for m in range(2)]
+        classes = [torch.from_numpy(data[f"ex{j}_classes{m}"]).long() for m in range(2)]
+        weights = torch.from_numpy(data[f"ex{j}_w"]).double()
+        rows = [torch.zeros(1, dtype=torch.long)] * 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            q = solve_rows(general, probs, classes, rows, specialist_weights=weights)
+        active = torch.ones(1, 2, dtype=torch.bool)
+        reference = solve_reference(general, probs, classes, active, specialist_weights=weights)
+        fast = objective(q, general, probs, classes, active, specialist_weights=weights)
+        slow = objective(reference, general, probs, classes, active, specialist_weights=weights)
+        assert float(fast) <= float(slow) + 1e-6
