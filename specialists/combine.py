@@ -757,8 +757,9 @@ def _warn_unconverged(misplaced: Tensor, tol: float, max_iter: int) -> None:
         worst = int(misplaced.argmax())
         warnings.warn(
             f"combine.solve: {count} of {len(misplaced)} examples not converged (tol={tol}, "
-            f"max_iter={max_iter}): up to {misplaced[worst].item():.2e} of an example's total weight W "
-            f"is misplaced, max_m |r_m D_m - a_m| / W (example {worst}); q there is approximate",
+            f"max_iter={max_iter}): KKT residual max_m |r_m D_m - a_m| / W (dustbin mass misplaced, "
+            f"as a fraction of the example's total weight W) up to {misplaced[worst].item():.2e} "
+            f"at example {worst}; q there is approximate",
             RuntimeWarning, stacklevel=4)
 
 

@@ -1,6 +1,7 @@
 """The combination solvers: exact vs reference vs fixed point, closed forms, validation."""
 
 import math
+import warnings
 from itertools import islice
 
 import numpy as np
@@ -88,6 +89,73 @@ def test_fast_solver_satisfies_stationarity(seed):
     q = solve(**problem)
     assert kkt_residual(q, problem) < 1e-12
     assert kkt_residual(arithmetic_mean(problem["general_probs"], problem["general_weights"]), problem) > 1e-3
+
+
+def peaked_problem(seed, n=400, n_classes=77, n_specialists=12, sharpness=5.0):
+    """Trained-classifier-like outputs: peaked (softmax of logits x 5), about 20% of
+    specialist entries near 1e-12; specialists of 4-15 classes (some overlapping,
+    some disjoint) with weights 2 and 4; 2-3 active per example, first those that
+    the generalist's top-2 classes activate."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(4, 16, (n_specialists,), generator=gen).tolist()
+    classes = [torch.randperm(n_classes, generator=gen)[:k] for k in sizes]
+    truth = torch.randint(n_classes, (n,), generator=gen)
+    logits = torch.randn(n, n_classes, generator=gen, dtype=F64)
+    logits[torch.arange(n), truth] += 2 + 2 * torch.rand(n, generator=gen, dtype=F64)
+    general = torch.softmax(sharpness * logits, dim=1)
+    member = torch.zeros(n_specialists, n_classes, dtype=torch.bool)
+    for m, c in enumerate(classes):
+        member[m, c] = True
+    hits = member[:, general.topk(2, dim=1).indices].any(-1).T  # (n, M)
+    rank = (hits + torch.rand(n, n_specialists, generator=gen)).argsort(1, descending=True).argsort(1)
+    active = rank < 2 + (torch.rand(n, generator=gen) < 0.5).long()[:, None]
+    probs = []
+    for c in classes:
+        position = torch.full((n_classes,), len(c), dtype=torch.long)  # the dustbin for other classes
+        position[c] = torch.arange(len(c))
+        out = torch.randn(n, len(c) + 1, generator=gen, dtype=F64)
+        out[torch.arange(n), position[truth]] += 2
+        p = torch.softmax(sharpness * out, dim=1)
+        tiny = torch.rand(p.shape, generator=gen) < 0.2
+        p = torch.where(tiny, 1e-12 * torch.rand(p.shape, generator=gen, dtype=F64), p)
+        probs.append(p / p.sum(1, keepdim=True))
+    weights = torch.tensor([2.0, 4.0], dtype=F64).repeat(n_specialists)[:n_specialists]
+    return dict(general_probs=general[None], specialist_probs=probs, specialist_classes=classes, active=active,
+                general_weights=torch.ones(1, dtype=F64), specialist_weights=weights)
+
+
+def test_weighted_specialists_on_peaked_outputs_converge_without_warning():
+    # Regression: the Newton solver used to stall on such rows (a few in 400;
+    # "not converged to tol=1e-12 in max_iter=50"), its KKT residual stuck at
+    # the rounding of D_m = 1 - (mass in S_m) and of W - sum r.
+    problem = peaked_problem(0)
+    counts = problem["active"].sum(1)
+    assert counts.min() == 2 and counts.max() == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning fails the test
+        q = solve(**problem)
+    assert kkt_residual(q, problem) < 1e-12  # every row at the optimum
+    rows = [240, 293]  # two of the rows where the old solver stalled (the reference costs ~1 s a row)
+    sub = dict(problem, general_probs=problem["general_probs"][:, rows], active=problem["active"][rows],
+               specialist_probs=[p[rows] for p in problem["specialist_probs"]])
+    j, j_ref = objective(q[rows], **sub), objective(solve_reference(**sub), **sub)
+    assert (j - j_ref).abs().max() < 1e-6
+    assert (j <= j_ref + 1e-12).all()
+
+
+def test_unconverged_rows_warn_with_how_far_they_are():
+    problem = peaked_problem(0, n=60)
+    with pytest.warns(RuntimeWarning, match=r"\d+ of 60 examples not converged \(tol=1e-12, max_iter=2\): "
+                                            r"KKT residual .* up to \d\.\d\de[+-]\d\d at example \d+"):
+        solve(**problem, max_iter=2)
+
+
+def test_newton_system_falls_back_to_pseudo_inverse_when_singular():
+    # a huge rank-one term can make the (Jacobi-scaled) Newton matrix singular in float64
+    m = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 4.0]]], dtype=F64)
+    rhs = torch.tensor([[[2.0], [2.0]], [[2.0], [4.0]]], dtype=F64)
+    x = combine._solve_spd(m, rhs)
+    torch.testing.assert_close(x, torch.tensor([[[1.0], [1.0]], [[1.0], [1.0]]], dtype=F64), atol=1e-12, rtol=0)
 
 
 def test_fixed_point_decreases_objective_and_reaches_fast_optimum():
