@@ -27,12 +27,13 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from specialists.cluster import ConfusionClusterer, CovarianceAccumulator, make_confusable_probabilities
+from specialists.cluster import ConfusionClusterer, CovarianceAccumulator
 
 
 class PeakRSS:
@@ -85,6 +86,63 @@ def stage(device, fn):
         out = fn()
         wall, cpu = time.perf_counter() - t, cpu_seconds() - c
     return wall, cpu, out, mem.extra
+
+
+def make_confusable_probabilities(
+    n_samples: int,
+    group_sizes: Sequence[int],
+    *,
+    zipf: float = 1.0,
+    confusion: float = 3.0,
+    margin: float = 2.0,
+    noise: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8192,
+) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Synthetic generalist outputs that confuse classes within planted groups (also the tests' input).
+
+    Classes are shuffled into groups of the given sizes. Group frequencies
+    follow Zipf's law with exponent ``zipf`` (rank r gets weight r^-zipf), and
+    so do class frequencies within a group, so some groups are rare. A row for
+    true class y is softmax(noise * N(0, 1) + confusion * [class in y's group]
+    + margin * [class == y]).
+
+    Returns ``(probs, labels, groups)``: (N, C) float32 rows summing to 1,
+    (N,) int64 true classes, the planted groups as sorted lists of classes.
+    """
+    sizes = [int(s) for s in group_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"group_sizes={list(group_sizes)!r} must be non-empty and positive")
+    rng = np.random.default_rng(seed)
+    n_classes = sum(sizes)
+    perm = rng.permutation(n_classes)
+    groups, group_of = [], np.empty(n_classes, dtype=np.int64)
+    start = 0
+    for g, s in enumerate(sizes):
+        members = perm[start : start + s]
+        groups.append(sorted(members.tolist()))
+        group_of[members] = g
+        start += s
+    group_w = rng.permutation(np.arange(1, len(sizes) + 1, dtype=np.float64) ** -zipf)
+    freq = np.empty(n_classes)
+    for g, members in enumerate(groups):
+        w = rng.permutation(np.arange(1, len(members) + 1, dtype=np.float64) ** -zipf)
+        freq[members] = group_w[g] * w / w.sum()
+    freq /= freq.sum()
+    labels = rng.choice(n_classes, size=n_samples, p=freq)
+
+    probs = np.empty((n_samples, n_classes), dtype=np.float32)
+    for lo in range(0, n_samples, batch_size):
+        y = labels[lo : lo + batch_size]
+        z = rng.standard_normal((len(y), n_classes), dtype=np.float32)
+        z *= noise
+        z += np.float32(confusion) * (group_of[None, :] == group_of[y][:, None])  # stays float32
+        z[np.arange(len(y)), y] += margin
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        probs[lo : lo + len(y)] = z
+    return probs, labels, groups
 
 
 def planted_sizes(n_classes, seed):

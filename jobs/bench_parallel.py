@@ -36,8 +36,9 @@ import torch
 
 from specialists.config import load_config
 from specialists.parallel import ray_session, train_specialists
-from specialists.pipeline import dataset_for_run, run_pipeline
 from specialists.rundir import RunDir
+from specialists.runtime import dataset_for_run
+from specialists.stages import run_pipeline
 
 
 def bench_config(epochs: int, hidden: int, workers: int = 1, specialists: bool = True):

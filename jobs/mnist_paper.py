@@ -29,10 +29,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from specialists.config import load_config
-from specialists.pipeline import run_pipeline
+from specialists.config import load_config, load_distill_config
+from specialists.distill_run import run_distill
 from specialists.rundir import write_json
-from specialists.teach import load_distill_config, run_distill
+from specialists.stages import run_pipeline
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

@@ -18,7 +18,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from specialists.teach import load_distill_config, run_distill
+from specialists.config import load_distill_config
+from specialists.distill_run import run_distill
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

@@ -28,20 +28,27 @@ import faiss
 import numpy as np
 import torch
 
+from .choices import NORMALIZATIONS
+
 __all__ = [
     "NORMALIZATIONS",
+    "InvalidParameterError",
     "CovarianceAccumulator",
     "streamed_covariance",
     "correlation_from_covariance",
     "ConfusionClusterer",
-    "within_between_covariance",
-    "cluster_order",
-    "errors_inside_clusters",
     "clusters_to_json",
-    "make_confusable_probabilities",
 ]
 
-NORMALIZATIONS = ("covariance", "correlation", "l2")
+
+class InvalidParameterError(ValueError):
+    """A ConfusionClusterer setting is invalid, alone or against the number of classes C.
+
+    Raised by ``fit``; the message names the setting and its value
+    (``n_clusters=90 must be <= n_classes=77``), so a caller that took the
+    settings from a config can prefix the section (``cluster.``). Problems with
+    the covariance itself stay plain ValueErrors.
+    """
 
 
 # ----------------------------------------------------------------------------
@@ -56,18 +63,17 @@ class CovarianceAccumulator:
     own mean and multiplied in ``matmul_dtype`` (the O(B * C^2) part), then
     merged into float64 running sums with Chan, Golub & LeVeque's parallel
     update (O(C^2) per batch). Centring before the product removes the
-    cancellation that ruins ``E[pp^T] - E[p]E[p]^T`` in float32 (a variance
-    of -5e-7 where the truth is +1e-8 for a class at 0.99 +- 1e-4, see the
-    tests), so the
-    float32 product keeps ~1e-7 relative accuracy (measured against float64
-    ``np.cov``) at the speed of the float32 matmul floor; the mean is good to
-    ~1e-6 relative. ``matmul_dtype="float64"`` costs 2x on CPU. Batches sorted
-    by class (very different means) are fine: the merge is exact.
+    cancellation that ruins ``E[pp^T] - E[p]E[p]^T`` in float32 (a class
+    predicted near-certainly can get a negative variance), so the float32
+    product runs at the speed of the float32 matmul floor and still matches
+    float64 ``np.cov`` within 1e-5 relative, as does the mean (the tests'
+    bounds). ``matmul_dtype="float64"`` is slower on CPU. Batches sorted by
+    class (very different means) are fine: the merge is exact.
 
     On CUDA everything stays on the GPU: the float32 product uses TF32 if
     ``torch.backends.cuda.matmul.allow_tf32`` is set (this class does not
-    touch that global; TF32 costs ~1e-4 relative), and the float64 running
-    sums are memory-bound adds, cheap next to the product.
+    touch that global; the tests then allow 1e-4 relative), and the float64
+    running sums are memory-bound adds, cheap next to the product.
 
     Parameters
     ----------
@@ -137,8 +143,8 @@ class CovarianceAccumulator:
         if self.validate:
             self._check_batch(x, index)
 
-        # float32 reductions: a float64 one over the batch costs ~10x more on
-        # CPU, and the mean comes out good to ~1e-6 relative (measured).
+        # float32 reductions: float64 ones over the batch cost far more on CPU,
+        # and the mean stays within the tests' 1e-5 relative bound.
         mean_b = x.mean(dim=0)  # (C,)
         xc = x - mean_b  # (B, C) centred: no cancellation in the product below
         m2_b = xc.T @ xc  # (C, C) in matmul_dtype: the O(B * C^2) part
@@ -331,8 +337,8 @@ class ConfusionClusterer:
     """Groups of classes that the generalist confuses, one group per specialist.
 
     K-means (faiss) on the columns of the generalist's prediction covariance,
-    scikit-learn style: ``__init__`` stores settings, ``fit(cov)`` learns,
-    learned state ends in ``_``.
+    scikit-learn style: ``__init__`` stores settings, ``fit(cov)`` checks them
+    (InvalidParameterError) and learns, learned state ends in ``_``.
 
     Parameters
     ----------
@@ -340,51 +346,28 @@ class ConfusionClusterer:
         ``classes_per_cluster``; with neither, k = round(sqrt(C)), which makes
         the number of specialists about equal to their size.
     classes_per_cluster : target group size; k = ceil(C / classes_per_cluster).
-    max_cluster_size : no group gets more classes than this (overlap included).
-        An over-full cluster keeps the classes that would pay most to leave
-        (distance to the nearest centroid with room minus distance to its
-        own); the others move, cheapest first, to their nearest centroid with
-        room. Requires k * max_cluster_size >= C.
-    min_cluster_size : groups smaller than this are dropped and their classes
-        are *uncovered*: left to the generalist alone (and to the specialists'
-        dustbin class). Default 2: a specialist for one class has nothing to
-        tell apart, and a class K-means leaves on its own is one the
-        generalist confuses with nothing. Set 1 to keep singletons as groups.
+    max_cluster_size : no group gets more classes than this (overlap
+        included); the classes cheapest to move go to their nearest centroid
+        with room. Requires k * max_cluster_size >= C.
+    min_cluster_size : smaller groups are dropped and their classes are
+        *uncovered* (left to the generalist). Default 2: a specialist for one
+        class has nothing to tell apart. 1 keeps singletons.
     overlap : m >= 1. A class may belong to up to m groups: its primary group
         plus up to m - 1 others whose centroid lies within ``overlap_ratio``
         times its distance to its nearest centroid. m = 1: disjoint groups.
     overlap_ratio : >= 1, see ``overlap``.
-    normalize : how each class's covariance column becomes a point.
-        "covariance": the raw column. Collapses: a rare class has a column of
-        near-zero entries, so all rare classes sit together near the origin
-        however distinct they are (one cluster of 67 classes and one of 2 on a
-        real 77-class dataset).
-        "correlation": the column of D^-1/2 cov D^-1/2, Euclidean K-means.
-        "l2": the column scaled to unit length, spherical K-means (cosine).
-        Default "l2", by measurement on real generalists: on the synthetic
-        data sets of `data.make_synthetic` (a trained MLP generalist,
-        covariance on validation rows), ARI against the planted groups was
-        1.000 for "l2" at C=40, 60 and 1,000, against 0.92, 0.69 and 0.48
-        for "correlation" (one cluster of 171 classes at C=1,000); on
-        Banking77 "l2" gives 8 groups of 4-15 classes where "correlation"
-        made one of 38. On simulated probabilities
-        (``make_confusable_probabilities``: C=200 in 20 groups of 4-16,
-        Zipf exponent 1, 1.5, 2 over group and class frequencies, N=5,000 and
-        20,000, 4 data seeds x 2 K-means seeds, k=20) "correlation" is the
-        better one: ARI mean / worst 0.99 / 0.95 against "l2" 0.97 / 0.74
-        (it merges groups when frequencies are very skewed); "covariance"
-        0.06 / 0.02 with 125-178 of the 200 classes in its largest cluster.
-    n_components : K-means runs on the points projected onto their top
-        ``n_components`` singular directions (randomised SVD); None = k, an
-        int >= C = no projection. Groups of confusable classes span nearly
-        orthogonal directions; in all C dimensions K-means tends to stall with
-        two centroids in one group and none in another, and restarts only
-        partly help (10 k-means++ restarts: ARI 0.72-0.93). The top-k subspace is the continuous relaxation of the
-        K-means partition (Ding & He, 2004). Measured on the data above,
-        without projection (n_components=C) mean / worst ARI drops to
-        0.82 / 0.63 ("correlation") and 0.80 / 0.57 ("l2"). It also makes
-        K-means cost O(C * k * r) per iteration instead of O(C^2 * k); the
-        projection costs ~6 (C, C) x (C, r + 10) products.
+    normalize : how each class's covariance column becomes a point (one of
+        ``NORMALIZATIONS``). "l2" (default): scaled to unit length, spherical
+        K-means (cosine), the best on trained generalists. "correlation":
+        the column of D^-1/2 cov D^-1/2, Euclidean K-means. "covariance": the
+        raw column, which collapses, since every rare class has a near-zero
+        column. The measurements are in the README (Clusters, Performance).
+    n_components : r. K-means runs on the points projected onto their top r
+        singular directions (randomised SVD); None = k, an int >= C = no
+        projection. Groups of confusable classes span nearly orthogonal
+        directions, where K-means in all C dimensions stalls with two
+        centroids in one group and none in another; the top-k subspace is the
+        continuous relaxation of the K-means partition (Ding & He, 2004).
     niter, nredo : K-means iterations per run and number of runs from
         k-means++ seeds (faiss keeps the run with the best objective).
     seed : seed of the projection and of K-means (k-means++ initialisation).
@@ -395,18 +378,20 @@ class ConfusionClusterer:
 
     Learned attributes
     ------------------
-    groups_ : list of sorted lists of class indices, one per specialist,
-        ordered by their smallest primary member. Empty clusters and clusters
-        below ``min_cluster_size`` are dropped, so len(groups_) <= k.
-    centroids_ : (len(groups_), r) float32 centroids in the space K-means ran
-        in (r = n_components), aligned with groups_.
+    groups_ : G <= k sorted lists of class indices, one per specialist,
+        ordered by their smallest primary member.
+    centroids_ : (G, r) float32, aligned with groups_, in the space K-means
+        ran in.
     assignment_ : (C,) int64 index into groups_ of each class's primary group,
         -1 for uncovered classes.
-    distances_ : (C,) float64 Euclidean distance, in the space K-means ran
-        in, from each class to its primary group's centroid; NaN for
-        uncovered classes.
-    member_distances_ : list of (len(group),) float64 arrays aligned with
-        groups_: distance of each member to that group's centroid.
+    labels_ : assignment_, under scikit-learn's name (what ``fit_predict``
+        returns): a class in several groups through ``overlap`` gets its
+        primary one (``groups_`` lists them all); uncovered classes get -1,
+        scikit-learn's label for points in no cluster (as DBSCAN's noise).
+    distances_ : (C,) float64 distance of each class to its primary group's
+        centroid; NaN for uncovered classes.
+    member_distances_ : G float64 arrays aligned with groups_: each
+        member's distance to that group's centroid.
     uncovered_ : sorted list of classes in no group.
     n_classes_ : C.   n_clusters_ : the k K-means ran with.
     inertia_ : final K-means objective reported by faiss.
@@ -446,9 +431,20 @@ class ConfusionClusterer:
         "overlap_ratio", "normalize", "n_components", "niter", "nredo", "seed", "use_gpu",
     )
 
-    def get_params(self) -> dict:
-        """The settings, as given to ``__init__``."""
+    def get_params(self, deep: bool = True) -> dict:
+        """The settings, as given to ``__init__`` (``deep`` is accepted for
+        scikit-learn; no setting is itself an estimator)."""
         return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params) -> "ConfusionClusterer":
+        """Change settings (checked by the next ``fit``, as in scikit-learn); returns self."""
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise InvalidParameterError(f"ConfusionClusterer has no setting {', '.join(map(repr, unknown))}; "
+                             f"known: {list(self._PARAMS)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -457,14 +453,14 @@ class ConfusionClusterer:
     # -- validation ---------------------------------------------------------
 
     def _resolve_k(self, n_classes: int) -> int:
-        """Validate the settings against C and return k."""
+        """Validate the settings, alone and against C, and return k; raises InvalidParameterError."""
 
         def positive_int(name, value, low=1):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+                raise InvalidParameterError(f"{name}={value!r} must be an integer >= {low}")
 
         if self.n_clusters is not None and self.classes_per_cluster is not None:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"give n_clusters={self.n_clusters!r} or classes_per_cluster="
                 f"{self.classes_per_cluster!r}, not both"
             )
@@ -472,7 +468,7 @@ class ConfusionClusterer:
             positive_int("n_clusters", self.n_clusters)
             k = int(self.n_clusters)
             if k > n_classes:
-                raise ValueError(f"n_clusters={k} must be <= n_classes={n_classes}")
+                raise InvalidParameterError(f"n_clusters={k} must be <= n_classes={n_classes}")
         elif self.classes_per_cluster is not None:
             positive_int("classes_per_cluster", self.classes_per_cluster)
             k = math.ceil(n_classes / self.classes_per_cluster)
@@ -482,33 +478,33 @@ class ConfusionClusterer:
         if self.max_cluster_size is not None:
             positive_int("max_cluster_size", self.max_cluster_size)
             if self.max_cluster_size < self.min_cluster_size:
-                raise ValueError(
+                raise InvalidParameterError(
                     f"max_cluster_size={self.max_cluster_size} must be >= "
                     f"min_cluster_size={self.min_cluster_size}"
                 )
             if k * self.max_cluster_size < n_classes:
-                raise ValueError(
+                raise InvalidParameterError(
                     f"max_cluster_size={self.max_cluster_size} * n_clusters={k} < "
                     f"n_classes={n_classes}: not enough room for every class"
                 )
         positive_int("overlap", self.overlap)
         if not (isinstance(self.overlap_ratio, (int, float)) and self.overlap_ratio >= 1):
-            raise ValueError(f"overlap_ratio={self.overlap_ratio!r} must be a number >= 1")
+            raise InvalidParameterError(f"overlap_ratio={self.overlap_ratio!r} must be a number >= 1")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
+            raise InvalidParameterError(f"normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
         if self.n_components is not None:
             positive_int("n_components", self.n_components)
         positive_int("niter", self.niter)
         positive_int("nredo", self.nredo)
         positive_int("seed", self.seed, low=0)
         if self.use_gpu not in (True, False, "auto"):
-            raise ValueError(f"use_gpu={self.use_gpu!r} must be True, False or 'auto'")
+            raise InvalidParameterError(f"use_gpu={self.use_gpu!r} must be True, False or 'auto'")
         return k
 
     def _gpu(self) -> bool:
         n_gpus = faiss.get_num_gpus()
         if self.use_gpu is True and n_gpus == 0:
-            raise ValueError("use_gpu=True but faiss sees 0 GPUs (is faiss-gpu installed?)")
+            raise InvalidParameterError("use_gpu=True but faiss sees 0 GPUs (is faiss-gpu installed?)")
         return bool(self.use_gpu is True or (self.use_gpu == "auto" and n_gpus > 0))
 
     # -- fit ----------------------------------------------------------------
@@ -566,12 +562,17 @@ class ConfusionClusterer:
         group_of = np.full(k, -1, dtype=np.int64)
         group_of[kept] = np.arange(len(kept))
         self.assignment_ = group_of[primary]
+        self.labels_ = self.assignment_  # scikit-learn's name for it (fit_predict returns it)
         self.distances_ = np.where(self.assignment_ >= 0, dist[np.arange(n_classes), primary], np.nan)
         covered = set().union(*map(set, self.groups_)) if self.groups_ else set()
         self.uncovered_ = sorted(set(range(n_classes)) - covered)
         self.n_classes_ = n_classes
         self.n_clusters_ = k
         return self
+
+    def fit_predict(self, cov) -> np.ndarray:
+        """``fit(cov)``, then the (C,) ``labels_``."""
+        return self.fit(cov).labels_
 
 
 def _enforce_capacity(primary: np.ndarray, dist: np.ndarray, cap: int) -> np.ndarray:
@@ -623,102 +624,6 @@ def _add_overlap(members, dist, primary, kept, overlap, ratio, cap):
             continue
         members[c].add(int(i))
         extra[i] += 1
-
-
-# ----------------------------------------------------------------------------
-# Helpers for the report
-# ----------------------------------------------------------------------------
-
-
-def _check_groups(groups, n_classes: int | None = None) -> list[list[int]]:
-    out = []
-    for g, group in enumerate(groups):
-        group = [int(c) for c in group]
-        for c in group:
-            if c < 0 or (n_classes is not None and c >= n_classes):
-                raise ValueError(f"group {g} holds class {c}, outside [0, {n_classes})")
-        out.append(group)
-    return out
-
-
-def within_between_covariance(cov, groups: Sequence[Sequence[int]], *, normalize: str = "covariance") -> dict:
-    """Mean covariance inside each group against its mean with the other classes.
-
-    A good group has within >> between. Returns ``{"within": (G,), "between":
-    (G,)}`` float64 arrays: within = mean of cov[i, j] over distinct members
-    i != j (NaN for a group of one), between = mean of cov[i, j] over members i
-    and non-members j (NaN if the group holds every class). ``normalize``:
-    "covariance" or "correlation" (use the correlation matrix instead).
-    """
-    if normalize not in ("covariance", "correlation"):
-        raise ValueError(f"normalize={normalize!r} must be 'covariance' or 'correlation'")
-    cov = correlation_from_covariance(cov) if normalize == "correlation" else _check_covariance(cov)
-    n = cov.shape[0]
-    groups = _check_groups(groups, n)
-    within = np.full(len(groups), np.nan)
-    between = np.full(len(groups), np.nan)
-    for g, group in enumerate(groups):
-        idx = np.unique(group)
-        block = cov[np.ix_(idx, idx)]
-        if len(idx) > 1:
-            within[g] = (block.sum() - np.trace(block)) / (len(idx) * (len(idx) - 1))
-        if len(idx) < n:
-            rest = np.setdiff1d(np.arange(n), idx)
-            between[g] = cov[np.ix_(idx, rest)].mean()
-    return {"within": within, "between": between}
-
-
-def cluster_order(groups: Sequence[Sequence[int]], n_classes: int) -> np.ndarray:
-    """(C,) permutation of the classes, group by group, for a heatmap.
-
-    Classes appear in group order (a class in several groups at its first
-    one), sorted within a group; classes in no group come last.
-    ``cov[np.ix_(order, order)]`` shows the groups as diagonal blocks.
-    """
-    groups = _check_groups(groups, n_classes)
-    seen = np.zeros(n_classes, dtype=bool)
-    order = []
-    for group in groups:
-        for c in sorted(set(group)):
-            if not seen[c]:
-                seen[c] = True
-                order.append(c)
-    order.extend(np.flatnonzero(~seen).tolist())
-    return np.array(order, dtype=np.int64)
-
-
-def errors_inside_clusters(y_true, y_pred, groups: Sequence[Sequence[int]]) -> float:
-    """Share of errors whose true and predicted class lie in one group.
-
-    These are the errors a specialist can fix; the rest (confusions across
-    groups) only the generalist can. Errors are y_true != y_pred. Returns NaN
-    when there are no errors.
-    """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"y_true and y_pred must be 1-D of equal length, got shapes {y_true.shape} and {y_pred.shape}")
-    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
-        if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
-            raise ValueError(f"{name} must hold non-negative integer class indices, got dtype {y.dtype}, min {y.min()}")
-    wrong = y_true != y_pred
-    if not wrong.any():
-        return float("nan")
-    t, p = y_true[wrong], y_pred[wrong]
-    n_classes = int(max(t.max(), p.max())) + 1
-    groups = _check_groups(groups)
-    if not groups:
-        return 0.0
-    # (G, C) membership; a pair is inside when some group holds both classes.
-    member = np.zeros((len(groups), n_classes), dtype=bool)
-    for g, group in enumerate(groups):
-        member[g, [c for c in group if c < n_classes]] = True
-    step = max(1, 2**24 // len(groups))  # errors per chunk: (G, step) temporaries
-    inside = sum(
-        int((member[:, t[i : i + step]] & member[:, p[i : i + step]]).any(axis=0).sum())
-        for i in range(0, len(t), step)
-    )
-    return inside / len(t)
 
 
 def clusters_to_json(clusterer: ConfusionClusterer, class_names: Sequence[str] | None = None) -> dict:
@@ -773,65 +678,3 @@ def clusters_to_json(clusterer: ConfusionClusterer, class_names: Sequence[str] |
         },
         "assignment": [int(a) for a in clusterer.assignment_],
     }
-
-
-# ----------------------------------------------------------------------------
-# Planted structure, for tests and benchmarks
-# ----------------------------------------------------------------------------
-
-
-def make_confusable_probabilities(
-    n_samples: int,
-    group_sizes: Sequence[int],
-    *,
-    zipf: float = 1.0,
-    confusion: float = 3.0,
-    margin: float = 2.0,
-    noise: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8192,
-) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
-    """Synthetic generalist outputs that confuse classes within planted groups.
-
-    Classes are shuffled into groups of the given sizes. Group frequencies
-    follow Zipf's law with exponent ``zipf`` (rank r gets weight r^-zipf), and
-    so do class frequencies within a group, so some groups are rare. A row for
-    true class y is softmax(noise * N(0, 1) + confusion * [class in y's group]
-    + margin * [class == y]).
-
-    Returns ``(probs, labels, groups)``: (N, C) float32 rows summing to 1,
-    (N,) int64 true classes, the planted groups as sorted lists of classes.
-    """
-    sizes = [int(s) for s in group_sizes]
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"group_sizes={list(group_sizes)!r} must be non-empty and positive")
-    rng = np.random.default_rng(seed)
-    n_classes = sum(sizes)
-    perm = rng.permutation(n_classes)
-    groups, group_of = [], np.empty(n_classes, dtype=np.int64)
-    start = 0
-    for g, s in enumerate(sizes):
-        members = perm[start : start + s]
-        groups.append(sorted(members.tolist()))
-        group_of[members] = g
-        start += s
-    group_w = rng.permutation(np.arange(1, len(sizes) + 1, dtype=np.float64) ** -zipf)
-    freq = np.empty(n_classes)
-    for g, members in enumerate(groups):
-        w = rng.permutation(np.arange(1, len(members) + 1, dtype=np.float64) ** -zipf)
-        freq[members] = group_w[g] * w / w.sum()
-    freq /= freq.sum()
-    labels = rng.choice(n_classes, size=n_samples, p=freq)
-
-    probs = np.empty((n_samples, n_classes), dtype=np.float32)
-    for lo in range(0, n_samples, batch_size):
-        y = labels[lo : lo + batch_size]
-        z = rng.standard_normal((len(y), n_classes), dtype=np.float32)
-        z *= noise
-        z += np.float32(confusion) * (group_of[None, :] == group_of[y][:, None])  # stays float32
-        z[np.arange(len(y)), y] += margin
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        probs[lo : lo + len(y)] = z
-    return probs, labels, groups

@@ -7,13 +7,12 @@ generalist's top-n classes; the specialists whose class set meets them are
     J(q) = sum_g w_g KL(p_g || q) + sum_{m active} w_m KL(p_m || A_m q)
 
 where A_m q folds q onto specialist m's classes plus one "dustbin" entry that
-holds the mass of every other class. One objective, three solvers:
+holds the mass of every other class. One objective, two solvers:
 
 - `solve` (dense inputs) / `solve_rows` (only the active rows of each
   specialist): exact, no learning rate, CPU or CUDA; what inference uses.
-- `iterate_mm`: the majorise-minimise (EM) fixed point; monotone, linear rate.
 - `solve_reference`: gradient descent on the logits of q, as the paper does;
-  slow, kept to test the others against.
+  slow, kept to test the exact solver against.
 
 Shapes: N examples, C classes, G generalists, M specialists. Specialist m
 covers the k_m classes `specialist_classes[m]` and outputs k_m + 1
@@ -27,17 +26,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .choices import ENSEMBLE_MEANS
+
 __all__ = [
     "active_specialists",
-    "arithmetic_mean",
-    "geometric_mean",
-    "iterate_mm",
     "objective",
     "solve",
     "solve_reference",
@@ -45,7 +43,6 @@ __all__ = [
 ]
 
 ROW_SUM_TOL = 1e-4  # how far a probability row may sum from 1
-MEANS = ("arithmetic", "geometric")
 _TINY = 1e-300  # q is clamped here inside log q
 # A row where a group of classes has no probability under any model can still
 # have to absorb a dustbin's mass (the optimum is then not unique); each such
@@ -84,31 +81,6 @@ def active_specialists(
     top = mix.topk(top_n, dim=1).indices  # (N, top_n)
     member = layout.pos >= 0  # (M, C)
     return member[:, top].any(-1).T.contiguous()  # (M, N, top_n) -> (N, M)
-
-
-def arithmetic_mean(probs: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Weighted arithmetic mean of (G, N, C) probabilities -> (N, C).
-
-    The minimiser of sum_i w_i KL(p_i || q) over distributions q.
-    """
-    probs = _as_general(probs, "probs")
-    weights = _check_weights("weights", weights, probs.shape[0], probs.device)
-    _check_general(probs, weights, "probs", "weights")
-    mix = _mix(probs, weights)
-    return mix / mix.sum(1, keepdim=True)
-
-
-def geometric_mean(probs: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Normalised weighted geometric mean of (G, N, C) probabilities -> (N, C).
-
-    The minimiser of sum_i w_i KL(q || p_i) over distributions q.
-    """
-    probs = _as_general(probs, "probs")
-    weights = _check_weights("weights", weights, probs.shape[0], probs.device)
-    _check_general(probs, weights, "probs", "weights")
-    keep = weights > 0  # a zero weight must not let its zeros veto a class
-    log_mix = torch.einsum("g,gnc->nc", weights[keep], probs[keep].double().log())
-    return _softmax_rows(log_mix / weights.sum(), "probs").to(probs.dtype)
 
 
 def solve(
@@ -266,7 +238,7 @@ def solve_reference(
 
 
 def _softmax(logits: Tensor) -> Tensor:
-    """Row softmax, written out: torch.softmax is ~20x slower on small CPU batches."""
+    """Row softmax of (N, C) logits, the max shift held constant (detached) for the gradient."""
     e = torch.exp(logits - logits.detach().amax(1, keepdim=True))
     return e / e.sum(1, keepdim=True)
 
@@ -289,73 +261,25 @@ def _lbfgs_logits(logits: Tensor, problem: _Problem, mean: str, max_iter: int) -
     return logits.detach()
 
 
-def iterate_mm(
-    general_probs: Tensor,
-    specialist_probs: Sequence[Tensor],
-    specialist_classes: Sequence[Tensor],
-    active: Tensor,
-    general_weights: Tensor | None = None,
-    specialist_weights: Tensor | None = None,
-) -> Iterator[Tensor]:
-    """Yield the majorise-minimise iterates q_1, q_2, ... (each (N, C) float64), forever.
-
-    From uniform q, each step hands every active dustbin's mass a_m to the
-    classes outside S_m in proportion to the current q:
-
-        q_c <- (b_c + sum_{m active, c not in S_m} a_m q_c / D_m) / W.
-
-    This is EM for the coarsened labels; J never increases, the rate is linear.
-    """
-    problem = _Problem.build_dense(  # validate now, not at the first next()
-        general_probs, specialist_probs, specialist_classes, active,
-        general_weights, specialist_weights,
-    )
-    return _mm_iterates(problem)
-
-
-def _mm_iterates(problem: _Problem) -> Iterator[Tensor]:
-    n, n_classes = problem.n_examples, problem.n_classes
-    b = torch.einsum("g,gnc->nc", problem.general_weights, problem.general.double())
-    total = b.sum(1)  # (N,) W
-    dustbins = []  # (rows, outside mask (C,), a (P,)) of specialists with a dustbin mass
-    for m, rows, probs, classes in problem.specialists():
-        weight = problem.specialist_weights[m]
-        probs = probs.double()
-        b[rows[:, None], classes[None, :]] += weight * probs[:, :-1]
-        total[rows] += weight * probs.sum(1)
-        outside = torch.ones(n_classes, dtype=torch.bool, device=problem.device)
-        outside[classes] = False
-        dustbins.append((rows, outside, weight * probs[:, -1]))
-    q = torch.full((n, n_classes), 1.0 / n_classes, dtype=torch.float64, device=problem.device)
-    while True:
-        numerator = b.clone()
-        for rows, outside, a in dustbins:
-            q_rows = q[rows] * outside  # (P, C) the classes that share the dustbin
-            share = a / q_rows.sum(1)  # a_m / D_m
-            numerator[rows] += share[:, None] * q_rows
-        q = numerator / total[:, None]
-        yield q
-
-
 # ----------------------------------------------------------------------------
 # validation
 
 
 def _check_mean(mean: str) -> None:
-    if mean not in MEANS:
-        raise ValueError(f"mean={mean!r} must be one of {MEANS}")
+    if mean not in ENSEMBLE_MEANS:
+        raise ValueError(f"mean={mean!r} must be one of {ENSEMBLE_MEANS}")
 
 
-def _as_general(general_probs: Tensor, name: str = "general_probs") -> Tensor:
+def _as_general(general_probs: Tensor) -> Tensor:
     """(N, C) or (G, N, C) -> (G, N, C)."""
     if not isinstance(general_probs, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(general_probs).__name__}")
+        raise ValueError(f"general_probs must be a torch.Tensor, got {type(general_probs).__name__}")
     if general_probs.dim() == 2:
         general_probs = general_probs[None]
     if general_probs.dim() != 3 or general_probs.shape[-1] == 0:
-        raise ValueError(f"{name} must have shape (N, C) or (G, N, C), got {tuple(general_probs.shape)}")
+        raise ValueError(f"general_probs must have shape (N, C) or (G, N, C), got {tuple(general_probs.shape)}")
     if not general_probs.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {general_probs.dtype}")
+        raise ValueError(f"general_probs must be floating point, got {general_probs.dtype}")
     return general_probs
 
 
@@ -400,11 +324,10 @@ def _check_probs(name: str, probs: Tensor, where) -> None:
         )
 
 
-def _check_general(general: Tensor, weights: Tensor, name: str = "general_probs",
-                   weights_name: str = "general_weights") -> None:
-    _check_probs(name, general, lambda i: f"model {i[0]}, row {i[1]}")
+def _check_general(general: Tensor, weights: Tensor) -> None:
+    _check_probs("general_probs", general, lambda i: f"model {i[0]}, row {i[1]}")
     if not weights.sum() > 0:
-        raise ValueError(f"{weights_name} sum to {weights.sum().item()}; at least one must be > 0")
+        raise ValueError(f"general_weights sum to {weights.sum().item()}; at least one must be > 0")
 
 
 def _dense_to_rows(specialist_probs, specialist_classes, active, general) -> tuple[list, list]:
@@ -736,11 +659,13 @@ def _solve_arithmetic(problem: _Problem, tol: float, max_iter: int) -> Tensor:
         for start in range(0, len(group), rows_per_chunk):
             i = group[start: start + rows_per_chunk]
             ex = examples[i]
-            values[i, :k], scale[ex], shift[ex], misplaced[ex] = _solve_chunk(
-                layout, pair_in, n_classes, tol, max_iter,
-                spec[i, :k], valid[i, :k], slot_pair[i, :k], weight[i, :k], dust[i, :k],
-                classes[i, :k], entry_valid[i, :k], general_union[i, :k], b_out[ex], spec_total[i],
+            chunk = _Chunk(
+                spec=spec[i, :k], valid=valid[i, :k], slot_pair=slot_pair[i, :k], weight=weight[i, :k],
+                dust=dust[i, :k], classes=classes[i, :k], entry_valid=entry_valid[i, :k],
+                general_union=general_union[i, :k], b_out=b_out[ex], spec_total=spec_total[i],
             )
+            values[i, :k], scale[ex], shift[ex], misplaced[ex] = _solve_chunk(
+                chunk, layout=layout, pair_in=pair_in, n_classes=n_classes, tol=tol, max_iter=max_iter)
     _warn_unconverged(misplaced, tol, max_iter)
     q.mul_(scale.to(dtype)[:, None])
     if (shift > 0).any():
@@ -763,28 +688,54 @@ def _warn_unconverged(misplaced: Tensor, tol: float, max_iter: int) -> None:
             RuntimeWarning, stacklevel=4)
 
 
-def _solve_chunk(layout, pair_in, n_classes, tol, max_iter,
-                 spec, valid, slot_pair, weight, a, classes, entry_valid, general_union, b_out, spec_total):
-    """Solve the examples of one chunk; every (n, K, k) tensor indexes (example, slot, class position).
+@dataclass(frozen=True)
+class _Chunk:
+    """n examples that each have K active specialists, one per slot; solved together.
+
+    (n, K) per slot: spec (which specialist), valid (the slot is used),
+    slot_pair (its row of pair_in), weight (w_m), dust (a_m = w_m d_m).
+    (n, K, k) per class position: classes, entry_valid (a class is there),
+    general_union (the generalists' mass on it). (n,) per example: b_out (the
+    generalists' mass outside every active specialist), spec_total (sum over
+    the slots of w_m times the sum of specialist m's outputs).
+    """
+
+    spec: Tensor
+    valid: Tensor
+    slot_pair: Tensor
+    weight: Tensor
+    dust: Tensor
+    classes: Tensor
+    entry_valid: Tensor
+    general_union: Tensor
+    b_out: Tensor
+    spec_total: Tensor
+
+
+def _solve_chunk(chunk: _Chunk, *, layout: _Layout, pair_in: Tensor, n_classes: int, tol: float,
+                 max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve the examples of one chunk; pair_in: (P, k_max) every active pair's outputs on its classes.
 
     Returns q on the active classes (n, K, k), and for the classes outside every
     active specialist q_c = scale * (generalist mass) + shift, scale and shift (n,);
     then the misplaced dustbin mass / W (n,) of the rows solved by Newton, 0 elsewhere.
     """
+    classes, entry_valid, general_union = chunk.classes, chunk.entry_valid, chunk.general_union
+    a, b_out = chunk.dust, chunk.b_out
     n, k_slots, k_max = classes.shape
     device = classes.device
     # membership (n, K, k, K): class (i, m, j) belongs to slot m' of the same example
-    pos = layout.pos[spec[:, None, None, :], classes[..., None]]
-    member = (pos >= 0) & valid[:, None, None, :] & entry_valid[..., None]
+    pos = layout.pos[chunk.spec[:, None, None, :], classes[..., None]]
+    member = (pos >= 0) & chunk.valid[:, None, None, :] & entry_valid[..., None]
     # b_c: generalists plus every active specialist that covers c
-    pin = pair_in[slot_pair].reshape(n, k_slots * k_max)  # (n, K * k)
+    pin = pair_in[chunk.slot_pair].reshape(n, k_slots * k_max)  # (n, K * k)
     flat = torch.arange(k_slots, device=device) * k_max + pos.clamp_min(0)
     spec_prob = pin.gather(1, flat.reshape(n, -1)).reshape(member.shape)
-    b = general_union + (member * weight[:, None, None, :] * spec_prob).sum(-1)  # (n, K, k)
+    b = general_union + (member * chunk.weight[:, None, None, :] * spec_prob).sum(-1)  # (n, K, k)
     # each class counts once: at the first slot that holds it
     earlier = torch.ones(k_slots, k_slots, dtype=torch.bool, device=device).tril(-1)  # [m, m'] = m' < m
     primary = entry_valid & ~(member & earlier[:, None, :]).any(-1)
-    total = b_out + torch.where(primary, general_union, 0.0).sum((1, 2)) + spec_total  # (n,) W
+    total = b_out + torch.where(primary, general_union, 0.0).sum((1, 2)) + chunk.spec_total  # (n,) W
     n_out = n_classes - primary.sum((1, 2))  # classes in no active specialist
 
     # A group of classes with b = 0 can have to take dustbin mass (then q is

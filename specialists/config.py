@@ -8,6 +8,9 @@ wrong types and impossible values with a message naming the key and value.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,19 +19,40 @@ from typing import Any
 
 import yaml
 
+from .choices import (  # the one list of each choice; choices.py imports nothing
+    CLUSTER_SIGNALS,
+    DATA_KINDS,
+    DEVICES,
+    DUSTBIN_CORRECTIONS,
+    DUSTBIN_MODES,
+    ENSEMBLE_MEANS,
+    LABELLED_SIGNALS,
+    MODEL_NAMES,
+    NORMALIZATIONS,
+    OPTIMIZERS,
+    SCHEDULES,
+    TEACHER_SOURCES,
+    USER_MODELS,
+)
+from .rundir import RunDir
+
 
 class ConfigError(ValueError):
     """A configuration key or value is unknown, mistyped or impossible."""
 
 
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # module.path:attr.path
+
+
+# Bounds on model sizes, far above any useful value, that refuse a typo before it allocates memory.
+MAX_WIDTH = 1 << 16  # a hidden layer's units, an embedding's dimensions
+MAX_BUCKETS = 1 << 26  # hashed n-gram rows
+MAX_TABLE = 1 << 31  # weights of the embedding table (8 GiB of float32)
+
+
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
-
-
-DATA_KINDS = ("csv_text", "npz", "mnist", "synthetic")
-MODEL_NAMES = ("fasttext", "mlp", "cnn")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,7 @@ class DataConfig:
     path: str = ""  # npz: the .npz file; mnist: the folder of IDX files
     val_fraction: float = 0.1  # carved from train, stratified, seeded
     max_train: int = 0  # 0: all; else a seeded stratified subsample of train
+    name: str = ""  # what the report's title and metrics.json call the data; "": the source's (a CSV's file name)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, prefix: str = "data") -> None:
@@ -106,17 +131,53 @@ class ModelConfig:
     embed_dim: int = 128  # fasttext: embedding size
     buckets: int = 200_000  # fasttext: hashed n-gram vocabulary size
     ngrams: int = 2  # fasttext: word n-grams up to this length
+    # fasttext: also the character 1..n-grams of each word; 0 = off. For text written
+    # without spaces (Chinese, Japanese, Thai) set 2 or 3: a clause is one long word there.
+    char_ngrams: int = 0
     jitter: int = 0  # cnn/mlp on images: random translation by up to this many pixels when training
+    # A generalist you bring (name torch | hf | timm; adapters.py, README "Bring your own model"):
+    factory: str = ""  # torch: "module:callable" returning your torch.nn.Module (your code: it is imported)
+    factory_args: dict[str, Any] = field(default_factory=dict)  # torch: keyword arguments of the factory
+    arch: str = ""  # timm: the architecture, e.g. resnet18
+    # torch, timm: a safetensors state dict; hf: a save_pretrained folder (config.json, model.safetensors,
+    # tokenizer.json); "" (torch, timm): the generalist stage trains the network from its initial weights
+    weights: str = ""
+    fine_tune: bool = False  # with weights: false uses them as they are (not trained here); true trains on, with train.*
 
     def validate(self, prefix: str = "model") -> None:
         _require(self.name in MODEL_NAMES, f"{prefix}.name", self.name, f"must be one of {MODEL_NAMES}")
-        _require(all(h >= 1 for h in self.hidden), f"{prefix}.hidden", self.hidden, "every width must be >= 1")
+        user = self.name in USER_MODELS
+        _require(self.name == "torch" or not self.factory, f"{prefix}.factory", self.factory,
+                 f"is read only with {prefix}.name=torch (here {self.name})")
+        _require(self.name == "torch" or not self.factory_args, f"{prefix}.factory_args", self.factory_args,
+                 f"is read only with {prefix}.name=torch (here {self.name})")
+        _require(self.name != "torch" or bool(_FACTORY.fullmatch(self.factory)), f"{prefix}.factory", self.factory,
+                 "model.name=torch needs 'module:callable', the function or class that builds your network, "
+                 "e.g. my_pkg.nets:build")
+        _require(self.name == "timm" or not self.arch, f"{prefix}.arch", self.arch,
+                 f"is read only with {prefix}.name=timm (here {self.name})")
+        _require(self.name != "timm" or bool(self.arch), f"{prefix}.arch", self.arch,
+                 "model.name=timm needs the architecture, e.g. resnet18")
+        _require(user or not self.weights, f"{prefix}.weights", self.weights,
+                 f"is read only for a model you bring ({'|'.join(USER_MODELS)}); {self.name} trains here")
+        _require(self.name != "hf" or bool(self.weights), f"{prefix}.weights", self.weights,
+                 "model.name=hf needs the folder save_pretrained wrote (config.json, model.safetensors, tokenizer.json)")
+        _require(not self.fine_tune or bool(self.weights), f"{prefix}.fine_tune", self.fine_tune,
+                 f"needs {prefix}.weights to start from (without weights the generalist is trained from scratch)")
+        _require(all(1 <= h <= MAX_WIDTH for h in self.hidden), f"{prefix}.hidden", self.hidden,
+                 f"every width must be in [1, {MAX_WIDTH}]")
         _require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
         _require(0 <= self.input_dropout < 1, f"{prefix}.input_dropout", self.input_dropout, "must be in [0, 1)")
-        _require(self.embed_dim >= 1, f"{prefix}.embed_dim", self.embed_dim, "must be >= 1")
-        _require(self.buckets >= 16, f"{prefix}.buckets", self.buckets, "must be >= 16")
+        _require(1 <= self.embed_dim <= MAX_WIDTH, f"{prefix}.embed_dim", self.embed_dim,
+                 f"must be in [1, {MAX_WIDTH}]")
+        _require(16 <= self.buckets <= MAX_BUCKETS, f"{prefix}.buckets", self.buckets, f"must be in [16, {MAX_BUCKETS}]")
+        _require(self.buckets * self.embed_dim <= MAX_TABLE, f"{prefix}.buckets", self.buckets,
+                 f"with {prefix}.embed_dim={self.embed_dim} the embedding table would have "
+                 f"{self.buckets * self.embed_dim} weights, over {MAX_TABLE}")
         _require(self.ngrams >= 1, f"{prefix}.ngrams", self.ngrams, "must be >= 1")
-        _require(self.jitter >= 0, f"{prefix}.jitter", self.jitter, "must be >= 0")
+        _require(0 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
+                 "must be in [0, 8] (0 = off; 2 or 3 for text without spaces)")
+        _require(0 <= self.jitter <= 64, f"{prefix}.jitter", self.jitter, "must be in [0, 64] pixels")
 
 
 @dataclass(frozen=True)
@@ -131,27 +192,34 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     patience: int = 4  # epochs without validation improvement before stopping; 0 = never stop early
     eval_batch_size: int = 1024
+    schedule: str = "constant"  # learning rate: constant | linear (to 0 over the epochs, or a budget's examples)
 
     def validate(self, prefix: str = "train") -> None:
         _require(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "must be >= 1")
         _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
         _require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.optimizer in ("adam", "sgd"), f"{prefix}.optimizer", self.optimizer, "must be adam or sgd")
+        _require(self.optimizer in OPTIMIZERS, f"{prefix}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         _require(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "must be in [0, 1)")
         _require(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
         _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        _require(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule, f"must be one of {SCHEDULES}")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     """Confusable-class clustering (paper section 5.3): covariance of the generalist's
-    probabilities on `split`, then faiss K-means on its normalised columns."""
+    probabilities on `split`, then faiss K-means on its normalised columns.
+
+    `validate` checks what needs no data; checks against the number of classes
+    (n_clusters <= C, room for every class) are ConfusionClusterer.fit's, whose
+    InvalidParameterError the cluster stage reports as a ConfigError.
+    """
 
     enabled: bool = True
     split: str = "val"  # val | train | test | a path to unlabeled inputs (.csv with data.text_column, or .npy)
     n_clusters: int = 0  # k; 0: derived from classes_per_cluster
-    classes_per_cluster: int = 20  # Banking77: 4 groups of 15-23 beat 8 of 4-15 on validation (README, ablation)
+    classes_per_cluster: int = 20  # chosen on Banking77 validation errors (README, The stages: Clusters)
     max_cluster_size: int = 0  # 0: no limit
     min_cluster_size: int = 2
     overlap: int = 1  # a class may join up to this many groups (1: disjoint)
@@ -160,6 +228,9 @@ class ClusterConfig:
     niter: int = 25
     nredo: int = 5
     batch_size: int = 4096
+    signal: str = "probs"  # one of CLUSTER_SIGNALS
+    temperature: float = 1.0  # T of softmax(z / T) for the tempered, train_tempered, out_of_fold and confusion signals
+    folds: int = 5  # out_of_fold: generalists trained, each predicting the fold it did not see
 
     def validate(self, prefix: str = "cluster") -> None:
         _require(self.n_clusters >= 0, f"{prefix}.n_clusters", self.n_clusters, "must be >= 0 (0 = from classes_per_cluster)")
@@ -170,16 +241,24 @@ class ClusterConfig:
                  f"{prefix}.max_cluster_size", self.max_cluster_size, f"must be >= min_cluster_size={self.min_cluster_size}")
         _require(self.overlap >= 1, f"{prefix}.overlap", self.overlap, "must be >= 1")
         _require(self.overlap_ratio >= 1, f"{prefix}.overlap_ratio", self.overlap_ratio, "must be >= 1")
-        _require(self.normalize in ("correlation", "l2", "covariance"), f"{prefix}.normalize", self.normalize,
-                 "must be correlation, l2 or covariance")
+        _require(self.normalize in NORMALIZATIONS, f"{prefix}.normalize", self.normalize,
+                 f"must be one of {NORMALIZATIONS}")
         _require(self.niter >= 1, f"{prefix}.niter", self.niter, "must be >= 1")
         _require(self.nredo >= 1, f"{prefix}.nredo", self.nredo, "must be >= 1")
         _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
         _require(bool(self.split), f"{prefix}.split", self.split, "must be val, train, test or a file path")
-
-
-DUSTBIN_CORRECTIONS = ("prior", "paper", "none")
-DUSTBIN_MODES = ("active", "natural", "none")  # which correction a combiner applies (see specialist.py)
+        _require(self.signal in CLUSTER_SIGNALS, f"{prefix}.signal", self.signal, f"must be one of {CLUSTER_SIGNALS}")
+        _require(0 < self.temperature < float("inf"), f"{prefix}.temperature", self.temperature,
+                 "must be a finite number > 0")
+        _require(self.folds >= 2, f"{prefix}.folds", self.folds, "must be >= 2")
+        unlabeled = self.split not in ("val", "train", "test")
+        _require(not (unlabeled and self.signal in LABELLED_SIGNALS), f"{prefix}.signal", self.signal,
+                 f"reads labels, but {prefix}.split={self.split!r} is an unlabeled file; use a signal that needs "
+                 "no labels (probs, tempered, head) "
+                 f"or {prefix}.split=val|train|test")
+        _require(not (unlabeled and self.signal == "train_tempered"), f"{prefix}.signal", self.signal,
+                 f"reads the training split, so {prefix}.split={self.split!r} would go unused; "
+                 f"use {prefix}.signal=tempered to read the file")
 
 
 @dataclass(frozen=True)
@@ -202,10 +281,15 @@ class SpecialistsConfig:
     epochs: int = 0  # 0: train.epochs
     batch_size: int = 0  # 0: train.batch_size
     # 5x the generalist's default: a specialist must move away from its starting point (the generalist) to add
-    # anything to the combination; measured on Banking77 validation, with patience 8 (see README, ablation)
+    # anything to the combination; chosen on Banking77 validation errors, with patience 8 (README, ablation)
     lr: float = 0.01  # 0: train.lr
     patience: int = 8  # -1: train.patience; 0: never stop early
     widen: float = 1.0  # hidden widths x this; the extra units start with zero outgoing weights
+    # Extra training compute of all specialists together, as a fraction of the generalist's examples_seen
+    # (forward + backward passes), shared in proportion to their epoch sizes; early stopping still applies.
+    # 0: no budget (specialists.epochs and early stopping decide).
+    budget: float = 1.0
+    schedule: str = ""  # "": train.schedule; linear: the learning rate decays to 0 over each one's budget share
 
     def validate(self, prefix: str = "specialists") -> None:
         _require(0 < self.special_fraction < 1, f"{prefix}.special_fraction", self.special_fraction,
@@ -219,6 +303,10 @@ class SpecialistsConfig:
         _require(self.lr >= 0, f"{prefix}.lr", self.lr, "must be >= 0 (0 = train.lr)")
         _require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
         _require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
+        _require(self.schedule in ("", *SCHEDULES), f"{prefix}.schedule", self.schedule,
+                 f"must be one of {SCHEDULES}, or empty for train.schedule")
+        _require(self.budget >= 0, f"{prefix}.budget", self.budget,
+                 "must be >= 0: extra examples as a fraction of the generalist's (0 = no budget)")
 
 
 @dataclass(frozen=True)
@@ -260,11 +348,16 @@ class CombineConfig:
     top_n: int = 3  # the generalist's top-n classes pick the active specialists
     dustbin: str = "active"  # dustbin-logit correction of specialist outputs: active | natural | none
     specialist_weight: float = 4.0  # weight of each active specialist's KL term (the generalist's is 1)
+    # full models in the combination: the generalist and peer members 1..generalists-1 (the peer stage trains
+    # them on the generalist's schedule, and matches the peer ensemble's budget to the hybrid's compute)
+    generalists: int = 1
 
     def validate(self, prefix: str = "combine") -> None:
         _require(self.top_n >= 1, f"{prefix}.top_n", self.top_n, "must be >= 1")
         _require(self.dustbin in DUSTBIN_MODES, f"{prefix}.dustbin", self.dustbin, f"must be one of {DUSTBIN_MODES}")
         _require(self.specialist_weight > 0, f"{prefix}.specialist_weight", self.specialist_weight, "must be > 0")
+        _require(self.generalists >= 1, f"{prefix}.generalists", self.generalists,
+                 "must be >= 1 (1 = the generalist alone with the specialists)")
 
 
 @dataclass(frozen=True)
@@ -297,7 +390,7 @@ class RunConfig:
     peer: PeerConfig = field(default_factory=PeerConfig)
 
     def validate(self) -> None:
-        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         _require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = default)")
         self.data.validate()
@@ -308,6 +401,14 @@ class RunConfig:
         self.ray.validate()
         self.combine.validate()
         self.peer.validate()
+        _require(self.specialists.widen == 1 or self.model.name not in USER_MODELS, "specialists.widen",
+                 self.specialists.widen, f"must be 1 with model.name={self.model.name}: a model you bring keeps its "
+                 "architecture")
+        _require(self.combine.generalists == 1 or self.peer.enabled, "combine.generalists", self.combine.generalists,
+                 "needs peer.enabled=true: full models beyond the generalist are peer members (without the peer "
+                 "stage there is 1 full model)")
+        _require(self.combine.generalists <= self.peer.max_members, "combine.generalists", self.combine.generalists,
+                 f"must be <= peer.max_members={self.peer.max_members} (the generalist and peer members)")
 
 
 # ---------------------------------------------------------------------------
@@ -327,6 +428,15 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 except ConfigError:
                     pass
         raise ConfigError(f"{key}={value!r}: expected {annotation}")
+    if origin is dict:  # plain data for a user's code (model.factory_args): names to JSON values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}={value!r}: expected a mapping of names to values, e.g. {{n_classes: 10}}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}={value!r}: values must be numbers, strings, booleans, null, lists or "
+                              f"mappings ({err})") from None
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
@@ -341,8 +451,15 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}={value!r}: expected an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -409,10 +526,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file, e.g. configs/synthetic.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if tree is None:
@@ -435,3 +556,175 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 
 def dump_config(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------
+# `specialists distill` (distill_run.py): teacher(s) -> soft targets on a transfer set -> student
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the soft targets come from."""
+
+    runs: list[str] = field(default_factory=list)  # run directories; empty: train a teacher here
+    source: str = "combined"  # combined: specialists.load(run).predict_proba (generalist + specialists); generalist
+    mean: str = "arithmetic"  # how several teachers combine: arithmetic | geometric (of their distributions at T)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the teacher trained here (no runs)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str = "teacher") -> None:
+        _require(self.source in TEACHER_SOURCES, f"{prefix}.source", self.source, f"must be one of {TEACHER_SOURCES}")
+        _require(self.mean in ENSEMBLE_MEANS, f"{prefix}.mean", self.mean, f"must be one of {ENSEMBLE_MEANS}")
+        _require(all(str(r).strip() for r in self.runs), f"{prefix}.runs", self.runs, "run directories must not be empty")
+        _require(len(set(self.runs)) == len(self.runs), f"{prefix}.runs", self.runs, "lists a run twice")
+        self.model.validate(f"{prefix}.model")
+        self.train.validate(f"{prefix}.train")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The model trained on the teacher's soft targets, and the loss that weighs them."""
+
+    model: None | ModelConfig = None  # None: the teacher's architecture (the first run's generalist, or teacher.model)
+    train: None | TrainConfig = None  # None: the teacher's schedule (the first run's train, or teacher.train)
+    temperature: float = 4.0  # T of the soft targets; the soft term is T^2-scaled
+    soft_weight: float = 0.9  # weight of the soft (teacher) term; the hard labels get 1 - soft_weight
+    baseline: bool = False  # also train the same student on the transfer set's hard labels alone
+
+    def validate(self, prefix: str = "student") -> None:
+        if self.model is not None:
+            self.model.validate(f"{prefix}.model")
+        if self.train is not None:
+            self.train.validate(f"{prefix}.train")
+        _require(math.isfinite(self.temperature) and self.temperature > 0, f"{prefix}.temperature", self.temperature,
+                 "must be a finite number > 0")
+        _require(0 <= self.soft_weight <= 1, f"{prefix}.soft_weight", self.soft_weight,
+                 "must be in [0, 1] (1: soft targets only, 0: hard labels only)")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The examples the student learns from. Classes are named as in classes.json (MNIST: 0..9)."""
+
+    split: str = "train"  # train | a file of unlabeled inputs: .npy (arrays) or .csv (texts, column data.text_column)
+    fraction: float = 1.0  # seeded per-class share of the examples kept (every kept class keeps at least one)
+    omit_classes: list[int | str] = field(default_factory=list)  # leave these classes out
+    keep_classes: list[int | str] = field(default_factory=list)  # keep only these classes
+    labels: bool = True  # use the hard labels (weighted 1 - student.soft_weight); false: soft targets only
+
+    def validate(self, prefix: str = "transfer") -> None:
+        _require(bool(self.split.strip()), f"{prefix}.split", self.split, "must be train or a file path")
+        _require(0 < self.fraction <= 1, f"{prefix}.fraction", self.fraction, "must be in (0, 1]")
+        _require(not (self.omit_classes and self.keep_classes), f"{prefix}.keep_classes", self.keep_classes,
+                 f"set omit_classes or keep_classes, not both (omit_classes={self.omit_classes})")
+        for key in ("omit_classes", "keep_classes"):
+            names = [str(c) for c in getattr(self, key)]
+            _require(len(set(names)) == len(names), f"{prefix}.{key}", getattr(self, key), "lists a class twice")
+
+
+@dataclass(frozen=True)
+class BiasConfig:
+    """Section 3: one logit shift for the classes the transfer set lacks, chosen on validation accuracy."""
+
+    adjust: bool = True
+    max_shift: float = 20.0  # shifts searched: -max_shift .. +max_shift
+    step: float = 0.1
+
+    def validate(self, prefix: str = "bias") -> None:
+        _require(self.max_shift >= 0, f"{prefix}.max_shift", self.max_shift, "must be >= 0")
+        _require(self.step > 0, f"{prefix}.step", self.step, "must be > 0")
+        _require(self.max_shift / self.step <= 100_000, f"{prefix}.step", self.step,
+                 f"gives more than 200,001 shifts for max_shift={self.max_shift}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything `specialists distill` needs."""
+
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    # `None | X`, not `X | None`: _check_type tries a union's options in order, and a null read as X is X's defaults
+    data: None | DataConfig = None  # None: the first teacher run's data, or (no runs) the default data
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
+
+    def validate(self) -> None:
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = default)")
+        if self.data is not None and self.teacher.runs:
+            raise ConfigError(f"data.*: the data come from the teacher run {self.teacher.runs[0]!r} (its config.yaml); "
+                              "drop the data keys when teacher.runs is set")
+        if self.data is not None:
+            self.data.validate()
+        self.teacher.validate()
+        self.student.validate()
+        self.transfer.validate()
+        self.bias.validate()
+
+
+def load_distill_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:
+    """Defaults <- YAML file <- `a.b=value` overrides, validated (ConfigError names the key).
+
+    `student.model` and `student.train` start from the teacher's: the first
+    teacher run's `model` / `train` (its config.yaml), else `teacher.model` /
+    `teacher.train`; the keys given under them override that. The returned
+    config spells every value out, as config.yaml will.
+    """
+    cfg = load_config(path, list(overrides), cls=DistillConfig)
+    return resolve_student(cfg, _student_keys(path, overrides))
+
+
+def _student_keys(path: str | Path | None, overrides: typing.Sequence[str]) -> dict[str, set[str]]:
+    """The keys a user gave under student.model and student.train (YAML file, then overrides)."""
+    given: dict[str, set[str]] = {"model": set(), "train": set()}
+    student = (read_yaml(path) if path else {}).get("student")
+    if isinstance(student, dict):
+        for part in given:
+            if isinstance(student.get(part), dict):
+                given[part] = set(student[part])
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if parts[0] != "student" or len(parts) < 2 or parts[1] not in given:
+            continue
+        if len(parts) == 2:  # student.model={...} replaces what came before; null inherits everything
+            given[parts[1]] = set(value) if isinstance(value, dict) else set()
+        else:
+            given[parts[1]].add(parts[2])
+    return given
+
+
+def _teacher_architecture(cfg: DistillConfig) -> tuple[ModelConfig, TrainConfig]:
+    if cfg.teacher.runs:
+        run = RunDir(cfg.teacher.runs[0])
+        run.require(run.config, what="run")
+        run_cfg = load_config(run.config)
+        return run_cfg.model, run_cfg.train
+    return cfg.teacher.model, cfg.teacher.train
+
+
+def resolve_student(cfg: DistillConfig, given: dict[str, set[str]] | None = None) -> DistillConfig:
+    """`cfg` with student.model / student.train filled in from the teacher's (see load_distill_config).
+
+    given: the keys the user set under student.model / student.train; None: a
+    non-None student.model / student.train is taken whole.
+    """
+    base_model, base_train = _teacher_architecture(cfg)
+
+    def merge(base, mine, keys):
+        if mine is None:
+            return base
+        if given is None:
+            return mine
+        return dataclasses.replace(base, **{k: getattr(mine, k) for k in keys})
+
+    student = dataclasses.replace(cfg.student,
+                                  model=merge(base_model, cfg.student.model, (given or {}).get("model", ())),
+                                  train=merge(base_train, cfg.student.train, (given or {}).get("train", ())))
+    resolved = dataclasses.replace(cfg, student=student)
+    resolved.validate()
+    return resolved

@@ -1,6 +1,7 @@
-"""Distillation losses (Hinton, Vinyals & Dean, 2015, sections 2 and 2.1).
+"""Distillation maths (Hinton, Vinyals & Dean, 2015): losses (sections 2 and 2.1), ensembles of
+teachers, the bias shift for classes a transfer set lacks (section 3) and the kept gain.
 
-Pure functions of tensors; imports torch only.
+Pure functions of tensors and arrays; imports torch and numpy (and the name lists of choices.py) only.
 
 Conventions used throughout:
 
@@ -22,25 +23,32 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from .choices import ENSEMBLE_MEANS
+
 __all__ = [
     "DistillLoss",
     "TeacherCache",
+    "accuracy_by_shift",
+    "choose_bias_shift",
     "collapse_labels",
     "collapse_probs",
     "distillation_loss",
     "ensemble_probs",
+    "gain_standard_error",
+    "kept_gain",
     "logit_matching_loss",
+    "shift_bias",
     "soft_target_loss",
     "soft_targets",
 ]
 
 SOFT_FORMS = ("ce", "kl")
-ENSEMBLE_MEANS = ("arithmetic", "geometric")
 ENSEMBLE_INPUTS = ("probs", "logits")
 
 
@@ -529,3 +537,79 @@ class TeacherCache:
         if not hasattr(self, "outputs_"):
             raise RuntimeError("TeacherCache is not fitted; call fit(data) first")
         return self.outputs_
+
+
+# --------------------------------------------------------------------------- #
+# section 3: one bias shift for the classes a transfer set lacks
+# --------------------------------------------------------------------------- #
+
+
+def accuracy_by_shift(logits: np.ndarray, labels: np.ndarray, classes: Sequence[int],
+                      shifts: np.ndarray) -> np.ndarray:
+    """Accuracy of argmax(logits + shift on `classes`) for each shift, without re-running the model.
+
+    logits: (N, C); classes: the shifted columns. Returns (S,) accuracies.
+    """
+    mask = np.zeros(logits.shape[1], dtype=bool)
+    mask[np.asarray(classes, dtype=np.int64)] = True
+    if mask.all() or not mask.any():
+        return np.full(len(shifts), float((logits.argmax(1) == labels).mean()))
+    shifted, other = logits[:, mask], logits[:, ~mask]
+    # the winner is the best shifted class when its logit + shift beats the best other one
+    best_shifted, best_other = np.flatnonzero(mask)[shifted.argmax(1)], np.flatnonzero(~mask)[other.argmax(1)]
+    margin = shifted.max(1) - other.max(1)  # (N,)
+    right_shifted, right_other = best_shifted == labels, best_other == labels
+    return np.array([np.where(margin + s > 0, right_shifted, right_other).mean() for s in shifts])
+
+
+def choose_bias_shift(logits: np.ndarray, labels: np.ndarray, classes: Sequence[int], max_shift: float = 20.0,
+                      step: float = 0.1) -> float:
+    """The shift of `classes`' logits that maximises accuracy on (logits, labels), e.g. validation.
+
+    Among equally good shifts, the middle one: the centre of a plateau is the
+    furthest from the drops on either side of it.
+    """
+    shifts = np.round(np.arange(-max_shift, max_shift + step / 2, step) / step) * step
+    accuracies = accuracy_by_shift(logits, labels, classes, shifts)
+    best = np.flatnonzero(accuracies >= accuracies.max() - 1e-12)
+    return round(float(shifts[best[len(best) // 2]]), 6)
+
+
+def shift_bias(model: nn.Module, classes: Sequence[int], shift: float) -> None:
+    """Add `shift` to the head's bias of `classes`, in place (logit + shift for those classes)."""
+    with torch.no_grad():
+        model.head.bias[torch.as_tensor(np.asarray(classes, dtype=np.int64))] += shift
+
+
+# --------------------------------------------------------------------------- #
+# how much of a teacher's gain a distilled model keeps
+# --------------------------------------------------------------------------- #
+
+
+def kept_gain(distilled: float, baseline: float, teacher: float, n_test: int, gain_stderr: float = 0.0) -> dict:
+    """How much of the teacher's test-accuracy gain over `baseline` the distilled model keeps.
+
+    (distilled - baseline) / (teacher - baseline), accuracies in [0, 1] on the
+    same n_test examples. Undefined (None, with a reason) when the gain is ~0:
+    under one test example, or under two standard errors `gain_stderr` (see
+    `gain_standard_error`), where the ratio would be the share of noise.
+    """
+    gain = teacher - baseline
+    out = {"gain": gain, "gain_stderr": gain_stderr}
+    if gain * n_test < 1 or gain < 2 * gain_stderr:  # the share of no gain, a loss or noise means nothing
+        return {"kept_gain": None, **out,
+                "reason": f"undefined: the teacher's gain over the baseline, {gain * n_test:+.1f} of {n_test} test "
+                          f"examples, is ~0 (under 1 example or under 2 standard errors, {2 * gain_stderr * n_test:.1f})"}
+    return {"kept_gain": (distilled - baseline) / gain, **out}
+
+
+def gain_standard_error(teacher_correct: np.ndarray, baseline_correct: np.ndarray) -> float:
+    """Standard error of mean(teacher_correct - baseline_correct), paired on the same test examples.
+
+    teacher_correct, baseline_correct: (N,) 1 where right, 0 where wrong (a
+    mean over several baselines may be fractional). With b examples only the
+    teacher gets right and c only the baseline, this is sqrt(b + c) / N
+    (McNemar's): the examples both get right or both get wrong carry no noise.
+    """
+    diff = np.asarray(teacher_correct, dtype=np.float64) - np.asarray(baseline_correct, dtype=np.float64)
+    return float(np.sqrt(np.sum(diff ** 2))) / max(len(diff), 1)

@@ -6,54 +6,104 @@ specialists, each runs only on the inputs where it is active, and
 `combine.solve_rows` finds the q minimising KL(generalist || q) plus the
 specialists' KL terms on their classes + dustbin. Inputs with no active
 specialist get the generalist's distribution unchanged.
+
+With `generalists=G` > 1 (the paper's "one or more full models and many
+specialist models"), G full models take the generalist's place: the run's
+generalist and peer members 1..G-1 (`peers/<k>/`). Each full model's KL term
+gets weight 1/G, so their terms together act as one term of weight 1 on
+their mean distribution, and that mean's top-n classes pick the active
+specialists; G=1 is the combination above exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Set
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .combine import active_specialists, solve_rows
-from .config import DUSTBIN_MODES, CombineConfig, load_config
+from .choices import DUSTBIN_MODES
+from .combine import active_specialists, solve, solve_rows
+from .config import CombineConfig, load_config
 from .models import load_checkpoint, resolve_device
 from .rundir import RunDir, RunDirError
-from .specialist import SPECIALIST_FILE, dustbin_corrected, load_specialist
+from .specialist import SPECIALIST_FILE, dustbin_corrected, file_sha256, load_specialist
 
+
+
+def full_model_terms(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full models' part of the objective, as `general_probs, general_weights` of `combine`.
+
+    full: (G, N, C) probabilities of the generalist and peer members 1..G-1.
+    G = 1: the generalist's (N, C) and no weights (today's combination, exactly);
+    G > 1: all G with weight 1/G each, one term of weight 1 on their mean.
+    """
+    if len(full) == 1:
+        return full[0], None
+    return full, torch.full((len(full),), 1 / len(full), dtype=full.dtype, device=full.device)
+
+
+def combine_outputs(full: torch.Tensor, specialist_probs, specialist_classes, top_n: int,
+                    specialist_weight: float) -> torch.Tensor:
+    """(N, C) combined probabilities from dense outputs, as `SpecialistsModel.predict_proba` gives them.
+
+    full: (G, N, C) full models' probabilities; specialist_probs[m]: (N, k_m + 1)
+    specialist m's dustbin-corrected probabilities on every row (only its
+    active rows are read); specialist_classes[m]: (k_m,). For trying combine
+    settings on stored outputs (`SpecialistsModel.outputs`) without rerunning
+    the models.
+    """
+    if not len(specialist_probs):
+        return full.mean(0)
+    general, weights = full_model_terms(full)
+    active = active_specialists(general, specialist_classes, top_n, weights)  # (N, M)
+    spec_weights = torch.full((len(specialist_probs),), float(specialist_weight), dtype=full.dtype, device=full.device)
+    return solve(general, specialist_probs, specialist_classes, active, weights, spec_weights)
 
 
 class SpecialistsModel:
     """A run's generalist and its finished specialists behind one predictor.
 
     Inputs are raw texts (a list of strings) for text runs and arrays or tensors
-    of shape (N, *input_shape) for feature and image runs.
+    of shape (N, *input_shape) for feature and image runs; any other iterable
+    (a generator, a pandas Series) is read once into a list first. An empty
+    list gives (0, C) for every kind of run; a dict or a set (no row order)
+    raises TypeError.
 
     Options left as None take the run's `combine` config section (the values
     its evaluate stage measured), else the defaults of `CombineConfig`:
     top_n: how many of the generalist's top classes activate specialists (paper: 1).
     dustbin: which dustbin-logit correction to apply to specialist outputs:
         "active" (the prior of the examples a specialist sees when gated by the
-        generalist's top-1 class; measured never worse than none), "natural" (the
+        generalist's top-1 class; the default, see the README's ablation), "natural" (the
         training split's prior), or "none".
-    specialist_weight: weight of each active specialist's KL term; the generalist's is 1.
-    use_specialists: False gives the generalist alone.
+    specialist_weight: weight of each active specialist's KL term; the full models' together is 1.
+    generalists: how many full models (the generalist, then peer members 1, 2, ...) the combination uses.
+    use_specialists: False gives the full models (their mean) alone.
     """
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "auto", top_n: int | None = None,
-                 dustbin: str | None = None, specialist_weight: float | None = None, use_specialists: bool = True):
+                 dustbin: str | None = None, specialist_weight: float | None = None, use_specialists: bool = True,
+                 generalists: int | None = None):
         self.run = RunDir(run_dir)
         self.run.require(self.run.classes, self.run.generalist / "model.json", what="generalist")
         saved = load_config(self.run.config).combine if self.run.config.is_file() else CombineConfig()
+        top_n_given = top_n is not None
         top_n = saved.top_n if top_n is None else top_n
         dustbin = saved.dustbin if dustbin is None else dustbin
         specialist_weight = saved.specialist_weight if specialist_weight is None else specialist_weight
+        generalists = saved.generalists if generalists is None else generalists
+        if isinstance(generalists, bool) or not isinstance(generalists, int) or generalists < 1:
+            raise ValueError(f"generalists={generalists!r} must be an integer >= 1 (1 = the generalist alone)")
         if dustbin not in DUSTBIN_MODES:
             raise ValueError(f"dustbin={dustbin!r} must be one of {DUSTBIN_MODES}")
         if not specialist_weight > 0:
             raise ValueError(f"specialist_weight={specialist_weight} must be > 0")
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.classes = self.run.read_classes()
+        if not top_n_given:  # the run's setting (or the default) may exceed a data set's few classes
+            top_n = min(top_n, len(self.classes))
         if not 1 <= top_n <= len(self.classes):
             raise ValueError(f"top_n={top_n} must be between 1 and the number of classes ({len(self.classes)})")
         self.top_n, self.dustbin, self.specialist_weight = top_n, dustbin, float(specialist_weight)
@@ -61,16 +111,15 @@ class SpecialistsModel:
         if self.generalist.head.out_features != len(self.classes):
             raise RunDirError(f"{self.run.generalist} predicts {self.generalist.head.out_features} classes but "
                               f"{self.run.classes} lists {len(self.classes)}")
+        self.full_models = [self.generalist] + [self._peer_member(k, generalists) for k in range(1, generalists)]
+        self.use_specialists = use_specialists
         self.specialists: list[tuple[torch.nn.Module, dict]] = []
         if use_specialists and self.run.specialists.is_dir():
             folders = sorted((f for f in self.run.specialists.iterdir() if (f / SPECIALIST_FILE).is_file()),
-                             key=lambda f: int(f.name) if f.name.isdigit() else f.name)
-            self.specialists = [load_specialist(f, self.device) for f in folders]
-        for _, info in self.specialists:
-            bad = [c for c in info["classes"] if not 0 <= c < len(self.classes)]
-            if bad:
-                raise RunDirError(f"specialist {info.get('id')} covers classes {bad} outside the run's "
-                                  f"{len(self.classes)} classes")
+                             key=lambda f: (0, int(f.name), "") if f.name.isdigit() else (1, 0, f.name))
+            sha = file_sha256(self.run.generalist / "model.safetensors")
+            self.specialists = [load_specialist(f, self.device, n_classes=len(self.classes), generalist_sha256=sha)
+                                for f in folders]
         self._classes_t = [torch.tensor(info["classes"], dtype=torch.long, device=self.device)
                            for _, info in self.specialists]
 
@@ -78,20 +127,55 @@ class SpecialistsModel:
     def input_kind(self) -> str:
         return self.generalist.input_kind
 
+    def _peer_member(self, k: int, generalists: int) -> torch.nn.Module:
+        """Full model k >= 1: peer member k of the run (`peers/<k>/`, finished: its member.json written)."""
+        folder = self.run.peers / str(k)
+        if not (folder / "member.json").is_file():
+            have = 1 + sum(1 for f in self.run.peers.glob("*/member.json")) if self.run.peers.is_dir() else 1
+            raise RunDirError(f"generalists={generalists}: {self.run.root} has {have} full model(s) (the generalist "
+                              f"and {have - 1} finished peer member(s) in peers/); train more with the peer stage "
+                              "(peer.enabled=true, combine.generalists=G) or ask for fewer")
+        model = load_checkpoint(folder, self.device)
+        if model.head.out_features != len(self.classes):
+            raise RunDirError(f"{folder} predicts {model.head.out_features} classes but the run has {len(self.classes)}")
+        return model
+
+    @property
+    def generalists(self) -> int:
+        return len(self.full_models)
+
     @property
     def mode(self) -> str:
+        full = ("generalist" if self.generalists == 1 else
+                f"{self.generalists} full models (generalist + {self.generalists - 1} peer member"
+                f"{'s' if self.generalists > 2 else ''})")
+        if not self.use_specialists:
+            return f"{full} alone (use_specialists=False)"
         if not self.specialists:
-            return "generalist alone (no finished specialists in the run directory)"
-        return (f"generalist + {len(self.specialists)} specialists (top_n={self.top_n}, dustbin={self.dustbin}, "
+            return f"{full} alone (no finished specialists in the run directory)"
+        return (f"{full} + {len(self.specialists)} specialists (top_n={self.top_n}, dustbin={self.dustbin}, "
                 f"specialist_weight={self.specialist_weight:g})")
 
     def __repr__(self) -> str:
         return f"SpecialistsModel({str(self.run.root)!r}: {self.mode})"
 
+    def _as_batch(self, inputs):
+        """A list, array or tensor of inputs; other iterables (generators, pandas Series) are read once here."""
+        if isinstance(inputs, (str, bytes)):
+            raise TypeError(f"pass a list of {'texts' if self.input_kind == 'text' else 'examples'}, not one "
+                            f"{type(inputs).__name__}: predict_proba([x])")
+        if isinstance(inputs, (Mapping, Set)):
+            raise TypeError(f"inputs are a {type(inputs).__name__}, which has no row order; pass a list or an array")
+        if isinstance(inputs, (list, tuple, np.ndarray, torch.Tensor)):
+            return inputs
+        if hasattr(inputs, "__array__"):  # a pandas DataFrame or Series: its rows, not its column names
+            return np.asarray(inputs)
+        if not isinstance(inputs, Iterable):
+            raise TypeError(f"inputs must be a list, an array or an iterable of examples, not {type(inputs).__name__}")
+        return list(inputs)
+
     def _encode(self, inputs):
-        if isinstance(inputs, str):
-            raise TypeError("pass a list of texts, not one string: predict_proba([text])")
-        if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "US" and self.input_kind == "text":
+        if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO" and self.input_kind == "text":
             inputs = inputs.tolist()
         return self.generalist.encode(inputs)
 
@@ -101,17 +185,27 @@ class SpecialistsModel:
         key = "dustbin_correction_active_top1" if self.dustbin == "active" else "dustbin_correction"
         return float(info.get(key, 0.0))
 
+    def dustbin_corrections(self) -> list[float]:
+        """What this model adds to each specialist's dustbin logit (per `dustbin`), in specialist order."""
+        return [self._correction(info) for _, info in self.specialists]
+
     @torch.no_grad()
     def _combine_batch(self, encoded, index: np.ndarray) -> tuple[torch.Tensor, dict]:
         """(B, C) combined probabilities for rows `index` of `encoded`, and what went into them."""
         batch = encoded.batch(index, self.device)
-        general = torch.softmax(self.generalist(*batch).double(), dim=1)  # (B, C)
-        if not torch.isfinite(general).all():
-            raise ValueError("the generalist produced NaN/inf probabilities; check the inputs and checkpoint")
-        parts = {"generalist": general, "active": None, "specialist_probs": [], "specialist_rows": []}
+        full = torch.stack([torch.softmax(model(*batch).double(), dim=1) for model in self.full_models])  # (G, B, C)
+        for g in range(len(full)):
+            if not torch.isfinite(full[g]).all():
+                raise ValueError(f"{'the generalist' if g == 0 else f'peer member {g}'} produced NaN/inf "
+                                 "probabilities; check the inputs and checkpoint")
+        general = full[0]  # (B, C) the run's generalist
+        general_in, general_weights = full_model_terms(full)
+        mean = general if len(full) == 1 else full.mean(0)  # (B, C)
+        parts = {"generalist": general, "full_models_mean": mean, "active": None, "specialist_probs": [],
+                 "specialist_rows": []}
         if not self.specialists:
-            return general, parts
-        active = active_specialists(general, self._classes_t, self.top_n)  # (B, M)
+            return mean, parts
+        active = active_specialists(general_in, self._classes_t, self.top_n, general_weights)  # (B, M)
         parts["active"] = active
         for m, (model, info) in enumerate(self.specialists):
             rows = torch.nonzero(active[:, m]).flatten()
@@ -124,29 +218,81 @@ class SpecialistsModel:
             parts["specialist_probs"].append(probs)
             parts["specialist_rows"].append(rows)
         weights = torch.full((len(self.specialists),), self.specialist_weight, dtype=torch.float64, device=self.device)
-        q = solve_rows(general, parts["specialist_probs"], self._classes_t, parts["specialist_rows"],
-                       specialist_weights=weights)
+        q = solve_rows(general_in, parts["specialist_probs"], self._classes_t, parts["specialist_rows"],
+                       general_weights=general_weights, specialist_weights=weights)
         return q, parts
 
     def predict_proba(self, inputs, batch_size: int = 1024) -> np.ndarray:
         """(N, C) class probabilities, columns in the order of `classes`."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        encoded = self._encode(inputs)
-        out = [self._combine_batch(encoded, np.arange(s, min(s + batch_size, len(encoded))))[0].float().cpu()
-               for s in range(0, len(encoded), batch_size)]
+        out = [combined for _, combined in self.iter_proba(inputs, batch_size)]
         if not out:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return torch.cat(out).numpy()
+        return np.concatenate(out)
+
+    def iter_proba(self, inputs, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(generalist, combined) per batch of `inputs`, in order: (B, C) float32 probabilities of the
+        generalist alone and of the combination. Memory O(batch_size x C) however many inputs there are."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        inputs = self._as_batch(inputs)
+        if len(inputs) == 0 and (self.input_kind == "text" or not hasattr(inputs, "shape")):
+            return iter(())  # an empty list, for every kind of run
+        encoded = self._encode(inputs)
+
+        def batches():
+            for start in range(0, len(encoded), batch_size):
+                q, parts = self._combine_batch(encoded, np.arange(start, min(start + batch_size, len(encoded))))
+                yield parts["generalist"].float().cpu().numpy(), q.float().cpu().numpy()
+
+        return batches()
+
+    @torch.no_grad()
+    def outputs(self, inputs, batch_size: int = 1024) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Every model on every input: (G, N, C) float32 probabilities of the full models and, per
+        specialist, (N, k + 1) float32 dustbin-corrected ones (as the combination reads them). With
+        `combine_outputs` they give `predict_proba` for any top_n / specialist_weight."""
+        inputs = self._as_batch(inputs)
+        encoded = self._encode(inputs)
+        full = [[] for _ in self.full_models]
+        special = [[] for _ in self.specialists]
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded.batch(np.arange(start, min(start + batch_size, len(encoded))), self.device)
+            for out, model in zip(full, self.full_models):
+                out.append(torch.softmax(model(*batch).double(), dim=1).float().cpu().numpy())
+            for out, (model, info) in zip(special, self.specialists):
+                logits = dustbin_corrected(model(*batch).double(), self._correction(info))
+                out.append(torch.softmax(logits, dim=1).float().cpu().numpy())
+        width = [len(info["classes"]) + 1 for _, info in self.specialists]
+        full_probs = np.stack([np.concatenate(o) if o else np.zeros((0, len(self.classes)), np.float32) for o in full])
+        return full_probs, [np.concatenate(o) if o else np.zeros((0, w), np.float32) for o, w in zip(special, width)]
 
     def predict(self, inputs, batch_size: int = 1024) -> np.ndarray:
         """(N,) class names."""
         index = self.predict_proba(inputs, batch_size).argmax(1)
         return np.array(self.classes, dtype=object)[index]
 
+    @property
+    def classes_(self) -> np.ndarray:
+        """(C,) class names (object array), the columns of predict_proba: scikit-learn's name for them."""
+        return np.array(self.classes, dtype=object)
+
+    def __call__(self, inputs, top_k: int = 1, batch_size: int = 1024) -> list:
+        """Labels and scores, as Hugging Face pipelines return them.
+
+        inputs: a batch, as for predict_proba (a list of texts, an (N, ...) array).
+        top_k=1: a list of N dicts {"label": class name, "score": probability};
+        top_k > 1: a list of N lists of top_k such dicts, best first. Scores are the
+        combined probabilities; ties keep the class order (so label == predict()).
+        """
+        index, scores = top_classes(self.predict_proba(inputs, batch_size), top_k)
+        ranked = [[{"label": self.classes[i], "score": float(s)} for i, s in zip(row_i, row_s)]
+                  for row_i, row_s in zip(index.tolist(), scores.tolist())]
+        return [row[0] for row in ranked] if top_k == 1 else ranked
+
     def explain(self, example, top: int = 5) -> dict:
-        """What the combination did for one input: the generalist's top classes, the
-        active specialists with their outputs, and the combined top classes."""
+        """What the combination did for one input: the generalist's top classes (with G > 1
+        full models also their mean's, which picks the specialists), the active specialists
+        with their outputs, and the combined top classes."""
         encoded = self._encode([example] if self.input_kind == "text" else np.asarray(example)[None])
         q, parts = self._combine_batch(encoded, np.arange(1))
 
@@ -161,10 +307,33 @@ class SpecialistsModel:
                 names = [self.classes[c] for c in info["classes"]] + ["<dustbin>"]
                 active.append({"id": info.get("id", m), "classes": len(info["classes"]),
                                "top": ranked(probs, names), "dustbin": round(float(probs[-1]), 6)})
-        return {"mode": self.mode, "generalist_top": ranked(parts["generalist"][0], self.classes),
-                "active_specialists": active, "combined_top": ranked(q[0], self.classes)}
+        out = {"mode": self.mode, "generalist_top": ranked(parts["generalist"][0], self.classes)}
+        if self.generalists > 1:
+            out["full_models_top"] = ranked(parts["full_models_mean"][0], self.classes)
+        return {**out, "active_specialists": active, "combined_top": ranked(q[0], self.classes)}
 
 
-def load(run_dir: str | Path, device: str | torch.device = "auto", **options) -> SpecialistsModel:
-    """Load a run directory for prediction; options: top_n, dustbin, specialist_weight, use_specialists."""
+def top_classes(proba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) class indices and (N, k) probabilities of each row's k most probable classes,
+    best first; equal probabilities in class order, so column 0 is proba.argmax(1)."""
+    n_classes = proba.shape[1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_classes:
+        raise ValueError(f"top_k={k!r} must be an integer in [1, {n_classes}] (the number of classes)")
+    index = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return index, np.take_along_axis(proba, index, axis=1)
+
+
+def load(run_dir: str | Path, device: str | torch.device = "auto", trust_factory: str | None = None,
+         **options) -> SpecialistsModel:
+    """Load a run directory for prediction; options: top_n, dustbin, specialist_weight, use_specialists,
+    generalists (full models: the generalist and peer members 1..generalists-1).
+
+    trust_factory: a run of a model you brought (model.name=torch) is rebuilt by
+    calling its factory, code its model.json names; pass that "module:callable"
+    to consent (models.trust_factory), else such a run is refused.
+    """
+    if trust_factory:
+        from .models import trust_factory as trust
+
+        trust(trust_factory)
     return SpecialistsModel(run_dir, device, **options)

@@ -9,17 +9,24 @@ are part of the model.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import itertools
 import json
+import os
 import re
+import unicodedata
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from .choices import MODEL_NAMES, USER_MODELS
 from .config import ConfigError
 from .rundir import atomic_write, write_json
 
@@ -32,7 +39,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device=auto or cpu")
+        raise ConfigError("device='cuda' but torch sees no CUDA device; use device=auto or cpu")
     return torch.device(name)
 
 
@@ -70,13 +77,65 @@ class EncodedArrays:
         return (self.x[torch.from_numpy(np.asarray(index))].to(device).float(),)
 
 
-_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+# ---------------------------------------------------------------------------
+# text: words and their hashed n-grams
+
+TOKENIZERS = ("unicode", "ascii")  # "ascii": what fasttext checkpoints of spec version 1 read
+
+_ASCII_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+_WORD_NO_MARKS = re.compile(r"[\w']+|\S", re.UNICODE)  # the same words as _unicode_word() on ASCII text, faster
 
 
-def hash_ngrams(text: str, buckets: int, ngrams: int) -> np.ndarray:
-    """Word 1..n-grams of lower-cased `text`, hashed (CRC32: stable across runs) into [0, buckets)."""
-    words = _WORD.findall(text.lower())
+@functools.cache
+def _unicode_word() -> re.Pattern:
+    # Combining marks (categories M*) are not \w, yet Devanagari or Thai vowel signs sit
+    # inside words. Python's own Unicode tables; every mark lies in planes 0, 1 and 14.
+    ranges: list[list[int]] = []
+    for c in itertools.chain(range(0x20000), range(0xE0000, 0xE1000)):
+        if unicodedata.category(chr(c)).startswith("M"):
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    marks = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    return re.compile(rf"[\w'{marks}]+|\S", re.UNICODE)
+
+
+def tokenize(text: str, tokenizer: str = "unicode") -> list[str]:
+    """The words of `text` as the fasttext model sees them.
+
+    "unicode": NFC-normalised (so "café" typed with a combining accent is
+    "café"), the typographic apostrophe read as "'", case-folded ("Straße" ->
+    "strasse"). A word is a run of letters, digits, "_" (\\w), combining marks
+    and apostrophes: "café", "привет", "हिन्दी" stay whole. Any other non-space
+    character is a word of its own. On ASCII text it gives the "ascii" words,
+    except that "_" joins words instead of standing alone.
+
+    "ascii" (checkpoints of spec version 1): lower-cased; runs of [a-z0-9'],
+    any other non-space character alone ("café" -> "caf", "é").
+    """
+    if tokenizer == "ascii":
+        return _ASCII_WORD.findall(text.lower())
+    if tokenizer != "unicode":
+        raise ValueError(f"tokenizer={tokenizer!r} must be one of {TOKENIZERS}")
+    text = unicodedata.normalize("NFC", text).replace("\u2019", "'").casefold()
+    return (_WORD_NO_MARKS if text.isascii() else _unicode_word()).findall(text)
+
+
+def hash_ngrams(text: str, buckets: int, ngrams: int, char_ngrams: int = 0, tokenizer: str = "unicode") -> np.ndarray:
+    """Hashed features of `text`: ids in [0, buckets) (CRC32, stable across runs and machines).
+
+    Word 1..`ngrams`-grams of `tokenize(text, tokenizer)`, plus, when
+    `char_ngrams` > 0, every 1..`char_ngrams`-character substring of each
+    word. Text written without spaces (Chinese, Japanese, Thai) is one long
+    word per clause; its overlapping character grams are the features that
+    carry its meaning. In spaced languages they let the forms of a word share
+    features. A character gram is hashed with a leading space, which no word
+    gram has, so the character "a" and the word "a" are different features.
+    """
+    words = tokenize(text, tokenizer)
     grams = [" ".join(words[i:i + n]) for n in range(1, ngrams + 1) for i in range(len(words) - n + 1)]
+    grams += [" " + w[i:i + n] for w in words for n in range(1, char_ngrams + 1) for i in range(len(w) - n + 1)]
     return np.array([zlib.crc32(g.encode()) % buckets for g in grams], dtype=np.int64)
 
 
@@ -104,14 +163,21 @@ def _random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 class FastText(nn.Module):
-    """fastText-style classifier: mean of hashed word n-gram embeddings, then an MLP."""
+    """fastText-style classifier: mean of hashed word (and character) n-gram embeddings, then an MLP.
+
+    Features as `hash_ngrams`; `tokenizer` is "unicode" for every new model and
+    "ascii" for checkpoints of spec version 1 (`load_checkpoint` sets it).
+    """
 
     input_kind = "text"
 
     def __init__(self, n_classes: int, buckets: int = 200_000, embed_dim: int = 128, ngrams: int = 2,
-                 hidden: list[int] = (256,), dropout: float = 0.2):
+                 hidden: list[int] = (256,), dropout: float = 0.2, char_ngrams: int = 0,
+                 tokenizer: str = "unicode"):
         super().__init__()
-        self.buckets, self.ngrams = buckets, ngrams
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={tokenizer!r} must be one of {TOKENIZERS}")
+        self.buckets, self.ngrams, self.char_ngrams, self.tokenizer = buckets, ngrams, char_ngrams, tokenizer
         self.embedding = nn.EmbeddingBag(buckets, embed_dim, mode="mean", sparse=True)
         self.body, width = _mlp(embed_dim, list(hidden), dropout)
         self.head = nn.Linear(width, n_classes)
@@ -119,13 +185,32 @@ class FastText(nn.Module):
     def encode(self, texts) -> EncodedTexts:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("this model reads texts: pass a list of strings")
-        return EncodedTexts([hash_ngrams(t, self.buckets, self.ngrams) for t in texts])
+        return EncodedTexts([hash_ngrams(t, self.buckets, self.ngrams, self.char_ngrams, self.tokenizer)
+                             for t in texts])
 
     def features(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.body(self.embedding(ids, offsets))
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(ids, offsets))
+
+
+def encode_arrays(inputs, input_shape: tuple[int, ...]) -> EncodedArrays:
+    """(N, *input_shape) numbers, checked, as a CPU tensor (floats as float32, NaN/inf refused)."""
+    if isinstance(inputs, (str, bytes)) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+        raise TypeError(f"this model reads arrays of shape (N, {', '.join(map(str, input_shape))}), not texts")
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+    if tuple(x.shape[1:]) != input_shape:
+        if x.ndim == 1 and tuple(x.shape) == input_shape:
+            raise ValueError(f"pass a batch: shape (N, {', '.join(map(str, input_shape))}), got one example {tuple(x.shape)}")
+        raise ValueError(f"inputs have shape {tuple(x.shape)}; this model expects (N, {', '.join(map(str, input_shape))})")
+    if not (x.dtype.is_floating_point or x.dtype in (torch.uint8, torch.int64, torch.int32)):
+        raise TypeError(f"inputs must be numbers, got dtype {x.dtype}")
+    if x.dtype.is_floating_point:
+        if not torch.isfinite(x).all():
+            raise ValueError("inputs contain NaN or inf")
+        x = x.float()
+    return EncodedArrays(x.cpu())
 
 
 class _ArrayModel(nn.Module):
@@ -150,20 +235,7 @@ class _ArrayModel(nn.Module):
         self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def encode(self, inputs) -> EncodedArrays:
-        if isinstance(inputs, (str, bytes)) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
-            raise TypeError(f"this model reads arrays of shape (N, {', '.join(map(str, self.input_shape))}), not texts")
-        x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
-        if tuple(x.shape[1:]) != self.input_shape:
-            if x.ndim == 1 and tuple(x.shape) == self.input_shape:
-                raise ValueError(f"pass a batch: shape (N, {', '.join(map(str, self.input_shape))}), got one example {tuple(x.shape)}")
-            raise ValueError(f"inputs have shape {tuple(x.shape)}; this model expects (N, {', '.join(map(str, self.input_shape))})")
-        if not (x.dtype.is_floating_point or x.dtype in (torch.uint8, torch.int64, torch.int32)):
-            raise TypeError(f"inputs must be numbers, got dtype {x.dtype}")
-        if x.dtype.is_floating_point:
-            if not torch.isfinite(x).all():
-                raise ValueError("inputs contain NaN or inf")
-            x = x.float()
-        return EncodedArrays(x.cpu())
+        return encode_arrays(inputs, self.input_shape)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter and x.ndim == 3:
@@ -211,25 +283,55 @@ class SmallCNN(_ArrayModel):
         return self.head(self.features(x))
 
 
-MODELS = {"fasttext": FastText, "mlp": FeatureMLP, "cnn": SmallCNN}
+# A name's entry is its class, or "module:Class" for an adapter of a network made elsewhere (adapters.py),
+# imported on first use: its library (transformers, timm) is an optional extra.
+MODELS = {"fasttext": FastText, "mlp": FeatureMLP, "cnn": SmallCNN,
+          "torch": "adapters:TorchModel", "hf": "adapters:HFModel", "timm": "adapters:TimmModel"}
+# config validates model.name against choices.MODEL_NAMES: a model added here must be named there too
+assert tuple(MODELS) == MODEL_NAMES, f"models.MODELS {tuple(MODELS)} != choices.MODEL_NAMES {MODEL_NAMES}"
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The class registered as `name` (an adapter's module is imported here)."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not registered; known: {sorted(MODELS)}")
+    entry = MODELS[name]
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(f".{module}", __package__), attr)
+    return entry
+
+
+# The version of a model spec ({"name", "version", "kwargs"}, a checkpoint's model.json).
+# A kwarg that a spec leaves out takes the default of the spec's version; load_checkpoint
+# writes out the defaults that changed since. 1 (no "version" field): fasttext read
+# "ascii" words. 2: "unicode" words and char_ngrams.
+SPEC_VERSION = 2
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model; `model.spec` records how, for checkpoints."""
-    if name not in MODELS:
-        raise ValueError(f"model {name!r} is not registered; known: {sorted(MODELS)}")
-    model = MODELS[name](**kwargs)
-    model.spec = {"name": name, "kwargs": kwargs}
+    model = model_class(name)(**kwargs)
+    model.spec = {"name": name, "version": SPEC_VERSION, "kwargs": kwargs}
     return model
 
 
 def model_kwargs(cfg, input_kind: str, input_shape: tuple[int, ...], n_classes: int) -> dict:
-    """Constructor arguments for `cfg` (a ModelConfig) on data of this kind and shape."""
+    """Constructor arguments for `cfg` (a ModelConfig) on data of this kind and shape.
+
+    For a model the user brings (choices.USER_MODELS) this checks the factory,
+    the head and the weights' names and shapes first (`adapters.spec_kwargs`).
+    """
+    if cfg.name in USER_MODELS:
+        from .adapters import spec_kwargs  # adapters.py imports this module
+
+        return spec_kwargs(cfg, input_kind, tuple(input_shape), n_classes)
     if cfg.name == "fasttext":
         if input_kind != "text":
             raise ConfigError(f"model.name=fasttext reads texts, but the data are {input_kind}; use mlp or cnn")
-        return dict(n_classes=n_classes, buckets=cfg.buckets, embed_dim=cfg.embed_dim, ngrams=cfg.ngrams,
-                    hidden=list(cfg.hidden), dropout=cfg.dropout)
+        return _sized(cfg.name, dict(n_classes=n_classes, buckets=cfg.buckets, embed_dim=cfg.embed_dim,
+                                     ngrams=cfg.ngrams, hidden=list(cfg.hidden), dropout=cfg.dropout,
+                                     char_ngrams=cfg.char_ngrams))
     if input_kind == "text":
         raise ConfigError(f"model.name={cfg.name} reads arrays, but the data are texts; use fasttext")
     kwargs = dict(n_classes=n_classes, input_shape=list(input_shape), hidden=list(cfg.hidden), dropout=cfg.dropout,
@@ -238,14 +340,76 @@ def model_kwargs(cfg, input_kind: str, input_shape: tuple[int, ...], n_classes: 
         kwargs["input_dropout"] = cfg.input_dropout
     elif len(input_shape) != 2:
         raise ConfigError(f"model.name=cnn needs images, but the inputs have shape {input_shape}; use mlp")
+    return _sized(cfg.name, kwargs)
+
+
+MAX_PARAMETERS = 1 << 31  # 8 GiB of float32 weights, before optimizer state: a typo, not a model
+_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.tensor, torch.arange, torch.rand, torch.randn}
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Tensors made inside land on the meta device (no memory) and in-place initialisers are skipped.
+
+    Only shapes are wanted; skipping also keeps the meta kernel of `normal_` from importing
+    torch._dynamo (seconds per process) and leaves torch's random state as it was.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if func in _FACTORIES:
+            kwargs["device"] = "meta"
+        elif name.endswith("_") and not name.endswith("__"):  # in place: shapes unchanged
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def _skeleton(name: str, kwargs: dict) -> nn.Module:
+    """Model `name` with meta tensors of the right shapes: what `kwargs` would allocate, allocating nothing."""
+    with _ShapesOnly():
+        return create_model(name, **kwargs)
+
+
+def _sized(name: str, kwargs: dict) -> dict:
+    """`kwargs`, once the model they build is known to hold at most MAX_PARAMETERS weights (counted on
+    the meta device, which allocates nothing)."""
+    n = sum(p.numel() for p in _skeleton(name, kwargs).parameters())
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"model.hidden={kwargs['hidden']}: the {name} model on these data would have {n} weights, "
+                          f"over {MAX_PARAMETERS}; use smaller model.hidden (or model.embed_dim, model.buckets)")
     return kwargs
 
 
 # ---------------------------------------------------------------------------
-# checkpoints: safetensors weights + a JSON spec; nothing in them is executed
+# checkpoints: safetensors weights + a JSON spec; nothing in them is executed, unless trusted (below)
+
+# Factories ("module:callable") that checkpoints may name. A user model's checkpoint (model.name=torch) is rebuilt
+# by calling its factory: code, so load_checkpoint calls only those trusted here, as torch.load(weights_only=True)
+# unpickles only the globals that torch.serialization.add_safe_globals allowed.
+_TRUSTED_FACTORIES: set[str] = set()
+
+
+def trust_factory(path: str) -> None:
+    """Let checkpoints naming factory `path` ("module:callable") load in this process.
+
+    `specialists run` and the commands on a run directory trust the `model.factory`
+    of the config they run (the user's instruction, like a command line); a
+    model.json read on its own is data, and names code only with this consent.
+    """
+    _TRUSTED_FACTORIES.add(str(path))
+
+
+TRUST_ENV = "SPECIALISTS_TRUST_FACTORY"  # comma-separated factories trusted by every process (commands, Ray workers)
+
+
+def is_trusted(path: str) -> bool:
+    return path in _TRUSTED_FACTORIES or path in os.environ.get(TRUST_ENV, "").split(",")
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, extra: dict | None = None) -> Path:
+    """Weights and spec into `folder`; `extra` is a note for people reading model.json, never read back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -266,24 +430,42 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
         raise CheckpointError(f"{spec_path} is not valid JSON: {err}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("kwargs"), dict) or spec.get("name") not in MODELS:
         raise CheckpointError(f"{spec_path} must hold {{'name': one of {sorted(MODELS)}, 'kwargs': {{...}}}}")
+    version = spec.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= SPEC_VERSION:
+        raise CheckpointError(f"{spec_path}: spec version {version!r} is not one this release reads "
+                              f"(1 to {SPEC_VERSION}); was it written by a newer one?")
+    kwargs = dict(spec["kwargs"])
+    if version < 2 and spec["name"] == "fasttext":
+        kwargs.setdefault("tokenizer", "ascii")  # so it predicts as before, and so do specialists built from it
+    factory = kwargs.get("factory")  # a user model's (adapters.TorchModel): calling it runs code
+    if factory is not None and not is_trusted(factory):
+        raise CheckpointError(f"{spec_path}: the model is built by calling {factory!r}, code that this file names; "
+                              f"load it only from a run you trust: specialists.load(run, trust_factory={factory!r}), "
+                              f"specialists.trust_factory({factory!r}) or {TRUST_ENV}={factory} in the environment")
+    # Sizes in model.json are untrusted: build the model on the meta device first (no memory) and compare
+    # its tensor shapes with the weights file's header, so the real build allocates no more than the file holds.
     try:
-        model = create_model(spec["name"], **spec["kwargs"])
-    except (TypeError, ValueError) as err:
+        skeleton = _skeleton(spec["name"], kwargs)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise CheckpointError(f"{spec_path}: cannot build {spec['name']!r} from its kwargs: {err}") from None
     try:
-        state = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    if stored != expected:
+        key = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]
+        raise CheckpointError(f"{weights_path} does not match the model in {spec_path.name}: tensor {key[0]!r} "
+                              f"is {stored.get(key[0])} in the weights, {expected.get(key[0])} in the model")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights_path} does not match the model in {spec_path.name}: {err}") from None
+        model = create_model(spec["name"], **kwargs)
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights_path} does not load into the model in {spec_path.name}: {err}") from None
     return model.to(device).eval()
-
-
-def read_checkpoint_extra(folder: str | Path) -> dict:
-    spec = json.loads((Path(folder) / "model.json").read_text())
-    return spec.get("extra", {})
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +499,9 @@ def with_dustbin_head(generalist: nn.Module, classes, widen: float = 1.0) -> nn.
     if widen < 1:
         raise ValueError(f"widen={widen} must be >= 1")
     kwargs = dict(spec["kwargs"], n_classes=len(cls) + 1)
+    if widen != 1 and "hidden" not in kwargs:
+        raise ValueError(f"widen={widen}: a {spec['name']!r} model has no hidden widths to widen (only models "
+                         "built here do); use widen=1")
     if "hidden" in kwargs:
         kwargs["hidden"] = [max(1, int(round(h * widen))) for h in kwargs["hidden"]]
     model = create_model(spec["name"], **kwargs)
@@ -325,10 +510,12 @@ def with_dustbin_head(generalist: nn.Module, classes, widen: float = 1.0) -> nn.
     index = torch.tensor(cls)
     other = torch.ones(n_classes, dtype=torch.bool)
     other[index] = False
-    head_w = torch.cat([old["head.weight"][index], old["head.weight"][other].mean(0, keepdim=True)])  # (k+1, width)
-    head_b = torch.cat([old["head.bias"][index],
-                        old["head.bias"][other].mean(0, keepdim=True) + float(np.log(int(other.sum())))])
-    old = {**old, "head.weight": head_w, "head.bias": head_b}
+    # the head's name in the state dict: "head" in the models built here, the user's own layer in an adapter's
+    head = next(name for name, module in generalist.named_modules() if module is generalist.head)
+    weight, bias = old[f"{head}.weight"], old[f"{head}.bias"]
+    head_w = torch.cat([weight[index], weight[other].mean(0, keepdim=True)])  # (k+1, width)
+    head_b = torch.cat([bias[index], bias[other].mean(0, keepdim=True) + float(np.log(int(other.sum())))])
+    old = {**old, f"{head}.weight": head_w, f"{head}.bias": head_b}
     new = model.state_dict()
     with torch.no_grad():
         for name, target in new.items():

@@ -1,13 +1,20 @@
-"""Every specialist as one Ray task, submitted together; the only module that imports ray.
+"""Every specialist as one Ray task; the only module that imports ray.
 
     with ray_session(cfg.ray, log):          # a local instance, or join ray.address / $RAY_ADDRESS
-        shared = ray.put({...})              # data, generalist weights, its logits: into the store once
-        futures = [train_specialist_task.options(num_cpus=..., num_gpus=..., max_retries=...)
-                   .remote(shared, m, classes, cfg, ...) for m in todo]
-        ray.wait(...)                        # save each specialist as it finishes
+        plans = plan_specialist(m, ...)      # each one's rows, from the labels alone
+        cut_generalist_outputs(...)          # one batched pass per split: each one's share, never (N, C)
+        shared = ray.put({...})              # generalist weights, validation split: into the store once
+        while ...:                           # at most `window` specialists' data in the store at a time
+            futures[train_specialist_task.options(...).remote(shared, ray.put(data_m), cfg, ...)] = m
+            ray.wait(...)                    # save each specialist as it finishes
 
-Tasks are pure functions of (config, shared data) -> weights and metrics; the
-driver writes the run directory, so a cluster's nodes need no shared disk. A
+Tasks are pure functions of (config, shared data, its own data) -> weights
+and metrics; the driver writes the run directory, so a cluster's nodes need
+no shared disk. Each specialist's data (its training rows, the generalist's
+soft targets on them collapsed to its classes + dustbin, its test examples)
+travel as one object of its own, put when it is submitted and freed when it is
+saved: the store holds the data of the specialists in flight, not the N x C
+outputs of every split (see specialist.py, "the data one specialist reads"). A
 specialist whose worker dies (killed, out of memory, node lost) is re-run by
 Ray (`ray.max_retries`); one saved before a crash of the whole run is kept and
 not trained again on `--resume`.
@@ -16,15 +23,19 @@ A bad Ray setting fails within seconds, never by waiting forever: an address
 where no Ray cluster answers (probed with one gRPC call and a deadline before
 ray.init, which itself would retry for minutes), or more CPUs / GPUs per task
 than any node of the cluster has (a task Ray could never schedule).
+`preflight` runs these checks before the generalist trains (stages.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import shutil
+import tempfile
+import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import ray
@@ -36,41 +47,53 @@ from .config import ConfigError, RayConfig, RunConfig
 from .data import Dataset
 from .models import load_checkpoint
 from .rundir import RunDir, read_json
-from .specialist import (SPECIALIST_FILE, file_sha256, finished_specialist, model_from_arrays, model_to_arrays,
-                         read_groups, save_specialist, specialist_dir, specialists_summary, train_specialist)
-from .train import predict_logits
+from .specialist import (SPECIALIST_FILE, ShardStore, SpecialistData, SpecialistTrainingError, budget_shares,
+                         cut_generalist_outputs, file_sha256, finished_specialist, model_from_arrays, model_to_arrays,
+                         plan_specialist, read_groups, save_specialist, specialist_data, specialist_dir,
+                         specialists_summary, train_specialist)
 
 Log = Callable[[str], None]
-
-
-class SpecialistTrainingError(RuntimeError):
-    """Some specialists failed after their retries; the others are saved, `--resume` trains the rest."""
+SHARDS_PREFIX = ".specialist-shards-"  # scratch folder of the specialists stage in the run directory
 
 
 # ---------------------------------------------------------------------------
 # connecting
 
 
-def _probe_gcs(target: str, timeout: float) -> str | None:
-    """None if a Ray cluster's GCS answers at host:port within `timeout` seconds, else why not.
+def _probe(target: str, method: str, request: bytes, what: str, timeout: float) -> str | None:
+    """None if `what` answers the gRPC `method` at host:port within `timeout` seconds, else why not.
 
-    One raw gRPC call to a GCS method (an empty request is a valid one). A
-    GCS answers it, or refuses it for want of an auth token, which still
-    proves it is there; anything else is not a Ray cluster.
+    One raw gRPC call with a deadline. The server answers it, or refuses it
+    for want of an auth token, which still proves it is there; anything else
+    (nothing listening, a port that speaks no gRPC, another service) is not it.
     """
     import grpc  # a dependency of ray
 
     with grpc.insecure_channel(target) as channel:
         try:
-            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=timeout)
+            channel.unary_unary(method)(request, timeout=timeout)
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 return None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return f"no Ray cluster answers at {target} within {timeout:g}s ({err.details()})"
-            return f"what answers at {target} is not a Ray cluster ({code.name}: {err.details()})"
+                return f"no {what} answers at {target} within {timeout:g}s ({err.details()})"
+            return f"what answers at {target} is not a {what} ({code.name}: {err.details()})"
     return None
+
+
+def _probe_gcs(target: str, timeout: float) -> str | None:
+    """A Ray cluster's GCS (what `host:port` joins): an empty request is a valid one."""
+    return _probe(target, "/ray.rpc.NodeInfoGcsService/GetClusterId", b"", "Ray cluster", timeout)
+
+
+def _probe_client_server(target: str, timeout: float) -> str | None:
+    """A Ray Client server (what `ray://host:port` joins): the PING its clients send first. A TCP connect
+    alone is no check: ray.init would then retry for over 30 s where the port speaks no Ray Client."""
+    from ray.core.generated import ray_client_pb2
+
+    ping = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING).SerializeToString()
+    return _probe(target, "/ray.rpc.RayletDriver/ClusterInfo", ping, "Ray client server", timeout)
 
 
 def _check_reachable(address: str, key: str, timeout: float) -> None:
@@ -91,14 +114,7 @@ def _check_reachable(address: str, key: str, timeout: float) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"{key}={address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    if client:  # the Ray Client server: a TCP connect is the check
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-                why = None
-        except OSError as err:
-            why = f"no Ray client server answers at {host}:{port} within {timeout:g}s ({err.strerror or err})"
-    else:
-        why = _probe_gcs(f"{host}:{port}", timeout)
+    why = (_probe_client_server if client else _probe_gcs)(f"{host}:{port}", timeout)
     if why:
         raise ConfigError(f"{key}={address!r}: {why}; start a cluster with `ray start --head`, or leave "
                           "ray.address empty (and RAY_ADDRESS unset) for a local instance")
@@ -112,7 +128,21 @@ def _check_local_gpus(cfg: RayConfig) -> None:
 
 def check_resources(cfg: RayConfig, where: str) -> dict:
     """The connected cluster's totals; ConfigError if no single node could run one specialist."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return _check_nodes(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], where)
+
+
+def _local_cpus() -> int:
+    """The CPUs a local Ray instance finds on this machine (container limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except (ImportError, AttributeError):  # a Ray without this helper
+        return os.cpu_count() or 1
+
+
+def _check_nodes(cfg: RayConfig, nodes: list[dict], where: str) -> dict:
+    """Each node's resources ({"CPU": n, "GPU": n}) -> the totals; ConfigError if none could run a specialist."""
     most = {name: max((r.get(name, 0.0) for r in nodes), default=0.0) for name in ("CPU", "GPU")}
     for name, wanted, key in (("GPU", cfg.gpus_per_task, "gpus_per_task"), ("CPU", cfg.cpus_per_task, "cpus_per_task")):
         if wanted > most[name]:
@@ -120,6 +150,36 @@ def check_resources(cfg: RayConfig, where: str) -> dict:
                               f"({len(nodes)} node(s)); no specialist could ever be scheduled")
     return {"nodes": len(nodes), "cpus": sum(r.get("CPU", 0.0) for r in nodes),
             "gpus": sum(r.get("GPU", 0.0) for r in nodes)}
+
+
+def _address(cfg: RayConfig) -> tuple[str, str]:
+    """(the address to join, the setting it came from): ray.address, else $RAY_ADDRESS; ("", "") for a local
+    instance. The stages decide which of a resumed run's saved ray.address and $RAY_ADDRESS is meant."""
+    if cfg.address.strip():
+        return cfg.address.strip(), "ray.address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    return env, "RAY_ADDRESS" if env else ""
+
+
+def preflight(cfg: RayConfig, log: Log = print) -> dict:
+    """Check, before anything trains, that the specialists stage could run; returns the resources found.
+
+    ConfigError naming the setting where no Ray cluster answers at the
+    address (ray.address, or $RAY_ADDRESS), or where no node could ever run
+    one specialist (ray.cpus_per_task, ray.gpus_per_task). A cluster is
+    joined, checked and left (the stage joins it again); a local instance is
+    checked against this machine without starting it.
+    """
+    if ray.is_initialized():
+        return check_resources(cfg, "the running Ray instance")
+    address, _ = _address(cfg)
+    if address:
+        with ray_session(cfg, log) as resources:
+            return resources
+    _check_local_gpus(cfg)
+    gpus = torch.cuda.device_count()
+    return _check_nodes(cfg, [{"CPU": float(cfg.num_cpus or _local_cpus()), "GPU": float(gpus)}],
+                        "the local Ray instance")
 
 
 @contextmanager
@@ -134,8 +194,7 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
     if ray.is_initialized():
         yield check_resources(cfg, "the running Ray instance")
         return
-    address = cfg.address.strip() or os.environ.get("RAY_ADDRESS", "").strip()
-    key = "ray.address" if cfg.address.strip() else "RAY_ADDRESS"
+    address, key = _address(cfg)
     if address:
         _check_reachable(address, key, cfg.connect_timeout_s)
         try:
@@ -168,16 +227,17 @@ def warm_worker() -> int:
 
 
 @ray.remote
-def train_specialist_task(shared: dict, m: int, classes: list[int], cfg: RunConfig, threads: int) -> dict:
-    """Train specialist m in a Ray worker; returns its weights (numpy), curve and metrics."""
+def train_specialist_task(shared: dict, data: SpecialistData, cfg: RunConfig, threads: int) -> dict:
+    """Train one specialist in a Ray worker from its own data; returns its weights (numpy), curve and metrics."""
     torch.set_num_threads(threads)
+    m = data.plan.m
     use_gpu = cfg.ray.gpus_per_task > 0
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError(f"specialist {m}: Ray assigned GPU(s) {ray.get_gpu_ids()} but torch sees no CUDA device")
     generalist = model_from_arrays(shared["generalist"]["spec"], shared["generalist"]["state"])
     with warnings.catch_warnings():  # the store's arrays are read-only; the specialist only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        result = train_specialist(generalist, classes, shared["dataset"], shared["logits"], cfg, seed=cfg.seed + m,
+        result = train_specialist(generalist, data, shared["val"], cfg,
                                   device=torch.device("cuda" if use_gpu else "cpu"), desc=f"specialist {m}")
     spec, state = model_to_arrays(result.model)
     return {"spec": spec, "state": state, "history": result.train.history, "metrics": {"id": m, **result.metrics},
@@ -221,51 +281,84 @@ def _progress_line(m: int, metrics: dict, done: int, total: int) -> str:
 
 
 def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: torch.nn.Module, groups: list[list[int]],
-                  todo: list[int], sha: str, device: torch.device, log: Log, progress: bool) -> dict[int, str]:
-    """Train specialists `todo`, saving each as it finishes; returns {m: error} of those that failed."""
+                  todo: list[int], sha: str, device: torch.device, log: Log, progress: bool,
+                  shares: dict[int, int] | None = None) -> dict[int, str]:
+    """Train specialists `todo`, saving each as it finishes; returns {m: error} of those that failed.
+
+    shares: {m: training examples specialist m may process} (specialists.budget); None or absent: no cap.
+
+    The driver never holds the generalist's (N, C) outputs: one batched pass
+    per split cuts each specialist's share into a ShardStore (memory, then
+    files in the run directory, removed after). A specialist's data enter the
+    object store when it is submitted, at most `window` of them at a time, and
+    leave it once it is saved, so the store holds O(window) specialists' data.
+    """
     threads = max(1, int(cfg.ray.cpus_per_task))
     options = dict(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task, max_retries=cfg.ray.max_retries,
                    retry_exceptions=cfg.ray.retry_exceptions)
     failures: dict[int, str] = {}
+    done: list[int] = []  # finished, saved or failed
+
+    def failed(m: int, why: str, when: str = "") -> None:
+        failures[m] = why
+        done.append(m)
+        bar.update(1)
+        with tqdm.external_write_mode():
+            log(f"specialist {m}: FAILED{when}: {why} [{len(done)}/{len(todo)}]")
+
     with ray_session(cfg.ray, log) as resources:  # first: a bad address or resource request fails before any work
-        # workers import torch (about a second each) while this process computes the logits, not after
+        bar = tqdm(total=len(todo), desc="specialists", unit="specialist", disable=not progress)
+        # workers import torch (about a second each) while this process cuts the data, not after
         slots = int(resources["cpus"] // cfg.ray.cpus_per_task) if cfg.ray.cpus_per_task else len(todo)
         warming = [warm_worker.options(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task).remote()
                    for _ in range(max(1, min(len(todo), slots)))]
-        batch = cfg.train.eval_batch_size
-        # (N, C) generalist logits of every split, once: the soft targets and the baseline of the metrics
-        logits = {split: predict_logits(generalist, generalist.encode(getattr(dataset, split).inputs), batch, device)
-                  for split in ("train", "val", "test")}
-        spec, state = model_to_arrays(generalist)
-        shared = ray.put({"dataset": dataset, "logits": logits, "generalist": {"spec": spec, "state": state}})
-        del logits, state
-        futures = {train_specialist_task.options(**options).remote(shared, m, groups[m], cfg, threads): m
-                   for m in todo}
-        del warming  # never waited on: a specialist may start on a worker that is still warming
-        bar = tqdm(total=len(todo), desc="specialists", unit="specialist", disable=not progress)
+        plans = {}
+        for m in todo:
+            try:
+                plans[m] = plan_specialist(m, groups[m], dataset, cfg, (shares or {}).get(m, 0))
+            except ValueError as err:  # a group these splits cannot train: the others still train
+                failed(m, str(err))
+        for stale in run.root.glob(SHARDS_PREFIX + "*"):  # left by a killed run: never trusted, always recut
+            shutil.rmtree(stale, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=SHARDS_PREFIX, dir=run.root))
+        futures: dict = {}  # task ref -> (m, its data's ref, kept alive until it is saved, for retries)
         try:
-            while futures:
+            started = time.perf_counter()
+            store = ShardStore(folder)
+            val_top1 = cut_generalist_outputs(generalist, dataset, list(plans.values()), store,
+                                              cfg.train.eval_batch_size, device)
+            log(f"specialists: generalist outputs cut for {len(plans)} specialist(s) in "
+                f"{time.perf_counter() - started:.1f}s ({store.spilled_bytes / 2**20:.0f} MiB spilled to disk)")
+            spec, state = model_to_arrays(generalist)
+            shared = ray.put({"generalist": {"spec": spec, "state": state}, "val": dataset.val})
+            del state, warming  # never waited on: a specialist may start on a worker that is still warming
+            waiting = [m for m in todo if m in plans]
+            window = max(2, 2 * slots)  # every slot busy, and the next one queued while a result is saved
+            while waiting or futures:
+                while waiting and len(futures) < window:
+                    m = waiting.pop(0)
+                    data = ray.put(specialist_data(plans.pop(m), dataset, store, val_top1))
+                    futures[train_specialist_task.options(**options).remote(shared, data, cfg, threads)] = (m, data)
                 ready, _ = ray.wait(list(futures), num_returns=1)
-                m = futures.pop(ready[0])
-                done = len(todo) - len(futures)
+                m, _ = futures.pop(ready[0])
                 try:
                     result = ray.get(ready[0])
                 except RayError as err:
-                    failures[m] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                    with tqdm.external_write_mode():
-                        log(f"specialist {m}: FAILED after retries: {failures[m]} [{done}/{len(todo)}]")
-                    bar.update(1)
+                    failed(m, str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__,
+                           " after retries")
                     continue
                 model = model_from_arrays(result["spec"], result["state"])
                 info = _specialist_info(cfg, dataset, m, groups[m], result, sha)
                 save_specialist(specialist_dir(run, m), model, info, result["history"])
+                done.append(m)
                 bar.update(1)
                 with tqdm.external_write_mode():
-                    log(_progress_line(m, result["metrics"], done, len(todo)))
+                    log(_progress_line(m, result["metrics"], len(done), len(todo)))
         finally:
             for future in futures:  # interrupted: do not leave tasks running on a cluster we only joined
                 ray.cancel(future, force=True)
             bar.close()
+            shutil.rmtree(folder, ignore_errors=True)
     return failures
 
 
@@ -290,10 +383,18 @@ def train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: tor
         log(f"specialists: {len(trainable) - len(todo)} of {len(trainable)} already trained, training {len(todo)}")
     if cfg.ray.gpus_per_task == 0 and device.type == "cuda":
         log("specialists: training on CPUs (ray.gpus_per_task=0); set ray.gpus_per_task=1 to use the GPU")
-    failures = _train_on_ray(cfg, dataset, run, generalist, groups, todo, sha, device, log, progress) if todo else {}
+    budget = round(cfg.specialists.budget * run.read_metrics()["generalist"]["examples_seen"])
+    shares = dict(zip(trainable, budget_shares([groups[m] for m in trainable], dataset.train.labels,
+                                               cfg.specialists.special_fraction, budget))) if budget else {}
+    if budget:
+        log(f"specialists: budget {cfg.specialists.budget:g} x the generalist's examples = {budget:,} examples, "
+            f"shared by {len(trainable)} specialists in proportion to their epochs")
+    failures = (_train_on_ray(cfg, dataset, run, generalist, groups, todo, sha, device, log, progress, shares)
+                if todo else {})
     if failures:
         listed = "; ".join(f"{m}: {why}" for m, why in sorted(failures.items()))
         raise SpecialistTrainingError(f"{len(failures)} of {len(trainable)} specialists failed ({listed}); the "
                                       f"others are saved, `specialists run --resume {run.root}` trains the rest")
     infos = [read_json(specialist_dir(run, m) / SPECIALIST_FILE) for m in trainable]
-    return specialists_summary([info["metrics"] for info in infos], trained=todo, skipped=skipped)
+    summary = specialists_summary([info["metrics"] for info in infos], trained=todo, skipped=skipped)
+    return {**summary, "budget": cfg.specialists.budget, "budget_examples": budget}

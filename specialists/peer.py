@@ -9,6 +9,12 @@ own generalist; member k >= 1 is the same model and schedule with seed
 budget (early stopping may end one sooner, leaving the rest to the next).
 Members are saved under `peers/<k>/`, each with its `member.json` written
 last, so `--resume` keeps the finished ones.
+
+With `combine.generalists=G` > 1 the hybrid combination uses members
+1..G-1 as full models beside the generalist: they are trained first, on the
+generalist's whole schedule, and counted in the budget (generalist + those
+members + specialists), so the peer ensemble still matches the compute of
+what it is compared with.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ def peer_budget(metrics: dict) -> int:
     return int(metrics["generalist"]["examples_seen"]) + int(metrics.get("specialists", {}).get("examples_seen", 0))
 
 
+def member_epochs(budget: int, used: int, epoch_size: int, max_epochs: int) -> int:
+    """Epochs the next member may train: what `budget` leaves after `used` (examples), in whole epochs of
+    `epoch_size`, at most `max_epochs` (the generalist's schedule); < 1: no room for another member."""
+    return min(max_epochs, (budget - used) // epoch_size)
+
+
 def _train_member(cfg: RunConfig, dataset: Dataset, run: RunDir, k: int, epochs: int, device: torch.device,
                   progress: bool) -> dict:
     folder = run.peers / str(k)
@@ -44,7 +56,8 @@ def _train_member(cfg: RunConfig, dataset: Dataset, run: RunDir, k: int, epochs:
     save_checkpoint(model, folder)
     info = {"member": k, "seed": cfg.seed + k, "epochs_allowed": epochs, "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch, "examples_seen": result.examples_seen,
-            "val_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 3)}
+            "val_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 3),
+            "cpu_seconds": round(result.cpu_seconds, 3)}
     write_json(done, info)  # last: its presence means the checkpoint is whole
     return info
 
@@ -53,13 +66,19 @@ def train_peers(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.dev
                 log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train the peer ensemble within the budget and measure it; returns the `peer_ensemble` metrics section."""
     metrics = run.read_metrics()
-    budget = peer_budget(metrics)
     used = int(metrics["generalist"]["examples_seen"])
     epoch_size = len(dataset.train)
     members = [{"member": 0, "seed": cfg.seed, "examples_seen": used,
                 "val_accuracy": metrics["generalist"]["val_accuracy"]}]
+    for k in range(1, cfg.combine.generalists):  # the hybrid's full models: the generalist's whole schedule
+        info = _train_member(cfg, dataset, run, k, cfg.train.epochs, device, progress)
+        used += info["examples_seen"]
+        members.append(info)
+        log(f"peer {k}: seed {info['seed']}, {info['epochs_run']} epochs, val accuracy {info['val_accuracy']:.4f} "
+            f"(a full model of the hybrid, combine.generalists={cfg.combine.generalists})")
+    budget = peer_budget(metrics) + used - int(metrics["generalist"]["examples_seen"])
     while len(members) < cfg.peer.max_members:
-        epochs = min(cfg.train.epochs, (budget - used) // epoch_size)
+        epochs = member_epochs(budget, used, epoch_size, cfg.train.epochs)
         if epochs < 1:
             break
         info = _train_member(cfg, dataset, run, len(members), epochs, device, progress)
@@ -75,7 +94,9 @@ def train_peers(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.dev
         for split in probs:
             probs[split].append(predict_proba(model, model.encode(getattr(dataset, split).inputs),
                                               cfg.train.eval_batch_size, device))
-    section = {"members": len(members), "budget_examples": budget, "examples_seen": used}
+    section = {"members": len(members), "budget_examples": budget, "examples_seen": used,
+               "hybrid_full_models": cfg.combine.generalists,
+               "hybrid_examples_seen": sum(m["examples_seen"] for m in members[:cfg.combine.generalists])}
     for split, member_probs in probs.items():
         labels = getattr(dataset, split).labels
         correct = np.mean(member_probs, axis=0).argmax(1) == labels  # arithmetic mean of the members

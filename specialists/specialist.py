@@ -53,25 +53,13 @@ accuracy use the uncorrected logits, since that slice has the enriched prior.
 
 b targets the natural prior pi, which is right for a specialist run on all
 data. A combiner that runs it only where the generalist's top class is one of
-its classes meets a much higher share rho of its classes there (about 0.8 on
-the 1000-class synthetic set, against pi ~ 0.01), so
+its classes meets a much higher share rho of its classes there, so
 `dustbin_correction_active_top1` stores the same formula with pi replaced by
 rho measured on the validation split: b_active = log(f/(1-f)) - log(rho/(1-rho)).
 
-Measured (seed 0, f = 1/2, soft_weight 1/2, T = 2):
-
-* calibration, a group cutting across the tiny synthetic set's planted groups
-  (pi = 1/4): mean dustbin probability on validation data 0.646 raw, 0.760
-  corrected, 0.75 true; with the paper's recipe at soft_weight 0.9, 0.817.
-* test accuracy of the ensemble (combine.solve, specialists gated by the
-  generalist's top-1 class; generalist / b off / b applied / b_active):
-  Banking77 0.8545 / 0.8597 / 0.8529 / 0.8597 ("prior"), and with the
-  paper's recipe 0.8571 / 0.8461 / 0.8610; 1000-class synthetic 0.3484 /
-  0.3537 / 0.3520 / 0.3537 ("prior"), paper's recipe 0.3531 / 0.3326 / 0.3533.
-  The natural-prior correction hurts a gated ensemble: with the paper's
-  recipe it ends 0.8 (Banking77) and 1.6 (synthetic) points below the
-  generalist alone; "prior" training takes most of that loss away; b_active
-  is never worse than leaving b off.
+Applied by a combiner that gates specialists by the generalist's top
+classes, the natural-prior b hurts; "prior" training and b_active take most
+of that loss away (measurements: README, Performance, "Dustbin correction").
 """
 
 from __future__ import annotations
@@ -88,13 +76,17 @@ import torch
 from torch import nn
 
 from .config import RunConfig, TrainConfig
-from .data import Dataset
+from .data import Dataset, Split
 from .distill import collapse_labels, collapse_probs, distillation_loss, soft_targets
 from .models import CheckpointError, create_model, load_checkpoint, save_checkpoint, with_dustbin_head
 from .rundir import RunDir, RunDirError, read_json, write_json
 from .train import TrainResult, predict_logits, seed_everything, train_model
 
 SPECIALIST_FILE = "specialist.json"  # written last: its presence means the folder is whole
+
+
+class SpecialistTrainingError(RuntimeError):
+    """Some specialists failed after their retries; the others are saved, `--resume` trains the rest."""
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +161,12 @@ def specialist_soft_targets(teacher_logits: torch.Tensor, classes: torch.Tensor,
     labels are drawn from (0: the generalist's natural prior).
     """
     collapsed = collapse_probs(torch.softmax(teacher_logits.float(), dim=1), classes)  # (B, k+1) at T=1
+    return soften_collapsed(collapsed, temperature, prior_shift)
+
+
+def soften_collapsed(collapsed: torch.Tensor, temperature: float, prior_shift: float = 0.0) -> torch.Tensor:
+    """(B, k+1) soft targets at T from (B, k+1) collapsed T=1 probabilities: the second half of
+    `specialist_soft_targets`, for a worker that was shipped the collapsed probabilities, not (B, C) logits."""
     log_p = torch.log(collapsed.clamp_min(torch.finfo(collapsed.dtype).tiny))
     if prior_shift:
         log_p[:, -1] -= prior_shift
@@ -191,6 +189,224 @@ def conditional_accuracy(scores: np.ndarray, labels: np.ndarray, classes) -> tup
 
 
 # ---------------------------------------------------------------------------
+# the data one specialist reads, cut by the driver from one pass of the generalist (never N x C)
+
+
+@dataclass
+class SpecialistPlan:
+    """Which rows of each split specialist `m` reads; made from the labels alone, before any model runs.
+
+    train_rows: (n,) sorted positions in the training split that its epochs
+    visit, over every epoch up to the configured maximum (early stopping is
+    decided in the worker, so all of them). orders: (epochs, epoch_size)
+    positions into train_rows, epoch by epoch in visiting order: the
+    `EnrichedSampler`'s draws with the rng `train_model` makes from `seed`, so
+    the specialist sees the examples a sampler over the whole split would, in
+    the same order. val_slice: (v,) sorted positions of its own validation
+    slice; val_inside / test_inside: positions of the examples of its classes.
+    """
+
+    m: int
+    classes: list[int]
+    seed: int
+    fraction: float  # f: realised special share of each epoch
+    natural_fraction: float  # pi: special share of the training split
+    train_rows: np.ndarray
+    orders: np.ndarray
+    val_slice: np.ndarray
+    val_inside: np.ndarray
+    test_inside: np.ndarray
+    max_examples: int = 0  # its share of specialists.budget in training examples (0: no cap); see budget_shares
+
+
+def budget_shares(groups: list[list[int]], labels: np.ndarray, special_fraction: float, total: int) -> list[int]:
+    """Each group's specialist's training examples: `total` shared in proportion to their epoch sizes.
+
+    groups: the class groups of the specialists to train (all of a run's,
+    so that a resumed run gives each the same share); labels: (N,) training
+    labels. Shares are rounded down, so they sum to at most `total`, and are at
+    least 1 (a share of 0 would mean "no cap" to `train_model`).
+    """
+    sizes = np.array([EnrichedSampler(labels, g, special_fraction).epoch_size for g in groups], dtype=np.int64)
+    if not len(sizes) or sizes.sum() == 0:
+        return [0] * len(sizes)
+    return [max(1, int(total * int(size) // int(sizes.sum()))) for size in sizes]
+
+
+def plan_specialist(m: int, classes, dataset: Dataset, cfg: RunConfig, max_examples: int = 0) -> SpecialistPlan:
+    """Specialist m's rows (seed `cfg.seed + m`); ValueError if it cannot be trained on these splits.
+
+    max_examples: its compute budget (`budget_shares`), which also bounds the
+    epochs drawn; 0: `specialists.epochs` epochs.
+    """
+    s = cfg.specialists
+    classes = [int(c) for c in classes]
+    seed = cfg.seed + m
+    sampler = EnrichedSampler(dataset.train.labels, classes, s.special_fraction)
+    if sampler.n_other == 0:
+        raise ValueError(f"specialist over {len(classes)} classes: no training example lies outside them, so the "
+                         "dustbin cannot be learned")
+    rng = np.random.default_rng(seed)  # the one train_model(seed=seed) hands its sampler, epoch after epoch
+    epochs = specialist_train_config(cfg).epochs
+    if max_examples:
+        epochs = min(epochs, -(-max_examples // sampler.epoch_size))
+    drawn = np.stack([sampler(epoch, rng) for epoch in range(1, epochs + 1)])
+    train_rows, orders = np.unique(drawn.ravel(), return_inverse=True)
+    # The specialist's own validation slice: its classes' validation examples and others in the enriched
+    # ratio, drawn once (seeded), so its accuracy is measured under the prior it is trained on.
+    val_slice = np.sort(EnrichedSampler(dataset.val.labels, classes, s.special_fraction)(
+        0, np.random.default_rng(seed)))
+    if not np.isin(dataset.val.labels[val_slice], classes).any():
+        raise ValueError(f"specialist over classes {classes[:10]}: none of them has a validation example")
+    inside = {split: np.flatnonzero(np.isin(getattr(dataset, split).labels, classes)) for split in ("val", "test")}
+    return SpecialistPlan(m, classes, seed, sampler.fraction, sampler.natural_fraction, train_rows,
+                          orders.reshape(drawn.shape), val_slice, inside["val"], inside["test"], max_examples)
+
+
+class ShardStore:
+    """Float32 arrays per (specialist, name), appended block by block in row order.
+
+    Held in memory up to `memory_bytes` in all, beyond that appended to one
+    raw file per array under `folder`, so what the driver holds does not grow
+    with N x C. `pop` hands an array back whole and forgets it.
+    """
+
+    def __init__(self, folder: str | Path, memory_bytes: int = 256 << 20):
+        self.folder, self.memory_bytes = Path(folder), memory_bytes
+        self._blocks: dict[tuple[int, str], list[np.ndarray]] = {}
+        self._buffered = 0
+        self.spilled_bytes = 0  # written to files so far
+
+    def _path(self, m: int, name: str) -> Path:
+        return self.folder / f"{m}.{name}.f32"
+
+    def append(self, m: int, name: str, block: np.ndarray) -> None:
+        """block: (b, width) float32 rows that follow those appended before."""
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        self._blocks.setdefault((m, name), []).append(block)
+        self._buffered += block.nbytes
+        if self._buffered > self.memory_bytes:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for (key_m, key_name), blocks in self._blocks.items():
+                if blocks:
+                    with open(self._path(key_m, key_name), "ab") as handle:
+                        for part in blocks:
+                            part.tofile(handle)
+                            self.spilled_bytes += part.nbytes
+                    blocks.clear()
+            self._buffered = 0
+
+    def pop(self, m: int, name: str, width: int) -> np.ndarray:
+        """(rows, width) float32: everything appended to (m, name), in order ((0, width) if nothing was)."""
+        parts = []
+        path = self._path(m, name)
+        if path.is_file():
+            parts.append(np.fromfile(path, dtype=np.float32).reshape(-1, width))
+            path.unlink()
+        blocks = self._blocks.pop((m, name), [])
+        self._buffered -= sum(b.nbytes for b in blocks)
+        parts += [b.reshape(-1, width) for b in blocks]
+        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+
+
+def _logits_by_batch(model: nn.Module, inputs, batch_size: int, device):
+    """(start, (B, K) float32 logits) per batch of raw `inputs`, each batch encoded on its own (so a
+    read-only or memory-mapped split is never copied whole); the same batches as `predict_logits`."""
+    for start in range(0, len(inputs), batch_size):
+        yield start, predict_logits(model, model.encode(inputs[start:start + batch_size]), batch_size, device)
+
+
+def _collapsed_rows(probs: torch.Tensor, rows: torch.Tensor, classes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """(r, k+1) `collapse_probs(probs[rows], classes)` of (B, C) probabilities: the same bits.
+
+    collapse_probs sums each row's other columns as one contiguous (C - k)
+    block; so does this (a row's sum does not depend on the rows beside it),
+    without re-checking a softmax just computed and with index_select, which
+    is several times faster than boolean-mask indexing. others: (C - k,) ids.
+    """
+    if 2 * len(rows) > len(probs):  # most of the batch: one copy of its other columns, then the rows
+        return torch.cat([probs.index_select(1, classes), probs.index_select(1, others).sum(1, keepdim=True)],
+                         dim=1).index_select(0, rows)
+    picked = probs.index_select(0, rows)
+    return torch.cat([picked.index_select(1, classes), picked.index_select(1, others).sum(1, keepdim=True)], dim=1)
+
+
+def cut_generalist_outputs(generalist: nn.Module, dataset: Dataset, plans: list[SpecialistPlan], store: ShardStore,
+                           batch_size: int, device) -> np.ndarray:
+    """One batched pass of the generalist over each split; each plan's share of it goes into `store`.
+
+    Memory: one (batch_size, C) block of logits at a time. Per plan m, the
+    store gets "teacher": (n, k+1) generalist probabilities at T=1 on
+    train_rows, collapsed onto its classes + dustbin (`collapse_probs`), and
+    "val_scores" / "test_scores": (n_in, k) the generalist's logits of its
+    classes on val_inside / test_inside. Returns (N_val,) the generalist's
+    top-1 class on the validation split. The batches are those of
+    `predict_logits` over the whole split, so every value equals what the
+    (N, C) logits would give.
+    """
+    n_classes = generalist.head.out_features
+    columns = {}  # m -> (its classes, the others), as index tensors
+    for plan in plans:
+        others = np.ones(n_classes, dtype=bool)
+        others[plan.classes] = False
+        columns[plan.m] = (torch.tensor(plan.classes, dtype=torch.long), torch.from_numpy(np.flatnonzero(others)))
+    val_top1 = np.empty(len(dataset.val), dtype=np.int64)
+    for split in ("train", "val", "test"):
+        rows_of = {"train": lambda p: p.train_rows, "val": lambda p: p.val_inside, "test": lambda p: p.test_inside}[split]
+        for start, logits in _logits_by_batch(generalist, getattr(dataset, split).inputs, batch_size, device):
+            end = start + len(logits)
+            if split == "train":
+                probs = torch.softmax(torch.from_numpy(logits), dim=1)  # (B, C) at T=1, row by row
+            elif split == "val":
+                val_top1[start:end] = logits.argmax(1)
+            for plan in plans:
+                rows = rows_of(plan)
+                lo, hi = np.searchsorted(rows, [start, end])
+                if lo == hi:
+                    continue
+                local = rows[lo:hi] - start
+                if split == "train":
+                    collapsed = _collapsed_rows(probs, torch.from_numpy(local), *columns[plan.m])
+                    store.append(plan.m, "teacher", collapsed.numpy())
+                else:
+                    store.append(plan.m, f"{split}_scores", logits[local][:, plan.classes])
+    return val_top1
+
+
+@dataclass
+class SpecialistData:
+    """What one specialist's worker reads besides the generalist and the validation split.
+
+    train: its rows of the training split (plan.train_rows, in that order);
+    teacher: (n, k+1) float32 collapsed generalist probabilities at T=1 on
+    them; test: the test examples of its classes; val_scores / test_scores:
+    (n_in, k) the generalist's logits of its classes on the validation / test
+    examples of its classes; val_active: validation examples whose generalist
+    top-1 class is one of its classes, val_active_inside: how many of those
+    truly are one.
+    """
+
+    plan: SpecialistPlan
+    train: Split
+    teacher: np.ndarray
+    test: Split
+    val_scores: np.ndarray
+    test_scores: np.ndarray
+    val_active: int
+    val_active_inside: int
+
+
+def specialist_data(plan: SpecialistPlan, dataset: Dataset, store: ShardStore, val_top1: np.ndarray) -> SpecialistData:
+    """Assemble specialist plan.m's data from the splits and its share of `cut_generalist_outputs` (popped)."""
+    k = len(plan.classes)
+    active = np.isin(val_top1, plan.classes)
+    return SpecialistData(
+        plan, dataset.train.take(plan.train_rows), store.pop(plan.m, "teacher", k + 1),
+        dataset.test.take(plan.test_inside), store.pop(plan.m, "val_scores", k), store.pop(plan.m, "test_scores", k),
+        int(active.sum()), int(np.isin(dataset.val.labels[active], plan.classes).sum()))
+
+
+# ---------------------------------------------------------------------------
 # training one specialist
 
 
@@ -198,7 +414,8 @@ def specialist_train_config(cfg: RunConfig) -> TrainConfig:
     """The generalist's schedule with the specialists' overrides (0 / -1: inherit)."""
     s, t = cfg.specialists, cfg.train
     return dataclasses.replace(t, epochs=s.epochs or t.epochs, batch_size=s.batch_size or t.batch_size,
-                               lr=s.lr or t.lr, patience=t.patience if s.patience < 0 else s.patience)
+                               lr=s.lr or t.lr, patience=t.patience if s.patience < 0 else s.patience,
+                               schedule=s.schedule or t.schedule)
 
 
 @dataclass
@@ -212,58 +429,44 @@ class SpecialistResult:
     metrics: dict
 
 
-def _encode(model: nn.Module, inputs):
-    if isinstance(inputs, np.ndarray) and not inputs.flags.writeable:
-        inputs = np.array(inputs)  # arrays shared read-only (e.g. by Ray's object store); torch wants its own
-    return model.encode(inputs)
+def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cfg: RunConfig, *,
+                     device: torch.device | str = "cpu", progress: bool = False,
+                     desc: str = "specialist") -> SpecialistResult:
+    """Train specialist data.plan.m from its data (`specialist_data`); the generalist is not modified.
 
-
-def train_specialist(generalist: nn.Module, classes, dataset: Dataset, teacher_logits: dict[str, np.ndarray],
-                     cfg: RunConfig, *, seed: int, device: torch.device | str = "cpu",
-                     progress: bool = False, desc: str = "specialist") -> SpecialistResult:
-    """Train one specialist over `classes` (k distinct ids); the generalist is not modified.
-
-    teacher_logits: the generalist's (N, C) float32 logits on `dataset`'s
-    splits, {"train": ..., "val": ..., "test": ...}, in split order (the soft
-    targets and the generalist's side of the conditional accuracies).
+    val: the whole validation split (its own slice, the conditional accuracy
+    and the dustbin's calibration are measured on it).
     """
     started, cpu_started = time.perf_counter(), time.process_time()
-    s = cfg.specialists
-    classes = [int(c) for c in classes]
+    s, plan = cfg.specialists, data.plan
+    classes = plan.classes
     cls = torch.tensor(classes, dtype=torch.long)
     k = len(classes)
 
-    seed_everything(seed)  # the widened units' fresh weights
+    seed_everything(plan.seed)  # the widened units' fresh weights
     model = with_dustbin_head(generalist, classes, widen=s.widen)
-
-    sampler = EnrichedSampler(dataset.train.labels, classes, s.special_fraction)
-    if sampler.n_other == 0:
-        raise ValueError(f"specialist over {k} classes: no training example lies outside them, so the dustbin "
-                         "cannot be learned")
-    correction = dustbin_correction(sampler.fraction, sampler.natural_fraction)
+    correction = dustbin_correction(plan.fraction, plan.natural_fraction)
     prior_shift = correction if s.dustbin_correction == "prior" else 0.0
     stored_correction = 0.0 if s.dustbin_correction == "none" else correction
 
-    # The specialist's own validation slice: its classes' validation examples and others in the enriched
-    # ratio, drawn once (seeded), so its accuracy is measured under the prior it is trained on.
-    val_slice = np.sort(EnrichedSampler(dataset.val.labels, classes, s.special_fraction)(
-        0, np.random.default_rng(seed)))
-    if not np.isin(dataset.val.labels[val_slice], classes).any():
-        raise ValueError(f"specialist over classes {classes[:10]}: none of them has a validation example")
+    train_x = model.encode(data.train.inputs)  # (n, ...) its rows only
+    train_y = collapse_labels(torch.from_numpy(data.train.labels), cls).numpy()  # (n,) in 0..k
+    val_x = model.encode(val.take(plan.val_slice).inputs)
+    val_y = collapse_labels(torch.from_numpy(val.labels[plan.val_slice]), cls).numpy()
+    teacher = torch.from_numpy(data.teacher)  # (n, k+1) collapsed, at T=1
 
-    train_x = _encode(model, dataset.train.inputs)
-    train_y = collapse_labels(torch.from_numpy(dataset.train.labels), cls).numpy()  # (N,) in 0..k
-    val_x = _encode(model, dataset.val.take(val_slice).inputs)
-    val_y = collapse_labels(torch.from_numpy(dataset.val.labels[val_slice]), cls).numpy()
-    teacher = torch.from_numpy(np.asarray(teacher_logits["train"]))  # (N, C) at T=1
+    def sample(epoch: int, rng: np.random.Generator) -> np.ndarray:
+        return np.array(plan.orders[epoch - 1])  # drawn by plan_specialist with this same rng
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> dict:
-        targets = specialist_soft_targets(teacher[torch.from_numpy(index)], cls, s.temperature, prior_shift)
+        targets = soften_collapsed(teacher[torch.from_numpy(index)], s.temperature, prior_shift)
         parts = distillation_loss(logits, labels, targets.to(logits.device), s.temperature, s.soft_weight)
         return {"loss": parts.loss, "hard_loss": parts.hard_loss.detach(), "soft_loss": parts.soft_loss.detach()}
 
-    result = train_model(model, train_x, train_y, val_x, val_y, specialist_train_config(cfg), seed=seed,
-                         device=device, sample=sampler, loss_fn=loss_fn, desc=desc, progress=progress)
+    schedule = dataclasses.replace(specialist_train_config(cfg), epochs=len(plan.orders))  # as planned
+    result = train_model(model, train_x, train_y, val_x, val_y, schedule, seed=plan.seed,
+                         device=device, sample=sample, loss_fn=loss_fn, desc=desc, progress=progress,
+                         lr_key="specialists.lr" if s.lr else "train.lr", max_examples=plan.max_examples)
 
     metrics = {
         "classes": k,
@@ -271,35 +474,32 @@ def train_specialist(generalist: nn.Module, classes, dataset: Dataset, teacher_l
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "examples_seen": result.examples_seen,
-        "special_fraction": sampler.fraction,
-        "natural_fraction": sampler.natural_fraction,
+        "special_fraction": plan.fraction,
+        "natural_fraction": plan.natural_fraction,
         "dustbin_correction": stored_correction,
     }
     eval_batch = cfg.train.eval_batch_size
-    for split in ("val", "test"):
-        data = getattr(dataset, split)
-        inside = np.flatnonzero(np.isin(data.labels, classes))
-        logits = predict_logits(model, _encode(model, data.take(inside).inputs), eval_batch, device)
-        acc, n = conditional_accuracy(logits[:, :k], data.labels[inside], classes)
-        general_acc, _ = conditional_accuracy(np.asarray(teacher_logits[split])[inside][:, classes],
-                                              data.labels[inside], classes)
+    for split, inside, general in (("val", val.take(plan.val_inside), data.val_scores),
+                                   ("test", data.test, data.test_scores)):
+        logits = predict_logits(model, model.encode(inside.inputs), eval_batch, device)
+        acc, n = conditional_accuracy(logits[:, :k], inside.labels, classes)
+        general_acc, _ = conditional_accuracy(general, inside.labels, classes)
         metrics.update({f"{split}_examples": n, f"{split}_conditional_accuracy": acc,
                         f"generalist_{split}_conditional_accuracy": general_acc})
     # How well the dustbin is calibrated on natural (not enriched) data: the mean predicted dustbin
     # probability, raw and corrected, against the true share of other classes.
-    logits = torch.from_numpy(predict_logits(model, _encode(model, dataset.val.inputs), eval_batch, device))
-    metrics["val_dustbin_share"] = float(1 - np.isin(dataset.val.labels, classes).mean())
+    logits = torch.from_numpy(np.concatenate([b for _, b in _logits_by_batch(model, val.inputs, eval_batch, device)]))
+    metrics["val_dustbin_share"] = float(1 - np.isin(val.labels, classes).mean())
     metrics["val_dustbin_prob_raw"] = float(torch.softmax(logits, 1)[:, -1].mean())
     metrics["val_dustbin_prob_corrected"] = float(torch.softmax(dustbin_corrected(logits, correction), 1)[:, -1].mean())
     # The prior a combiner gated by the generalist's top-1 class meets instead: among validation examples
     # whose generalist top-1 is one of these classes, the share that truly are one (add-one smoothed).
-    active = np.isin(np.asarray(teacher_logits["val"]).argmax(1), classes)
-    share = (np.isin(dataset.val.labels[active], classes).sum() + 1) / (active.sum() + 2)
+    share = (data.val_active_inside + 1) / (data.val_active + 2)
     metrics["active_special_share_top1"] = float(share)
-    metrics["dustbin_correction_active_top1"] = dustbin_correction(sampler.fraction, float(share))
+    metrics["dustbin_correction_active_top1"] = dustbin_correction(plan.fraction, float(share))
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 3)  # this process's CPU time, all threads
-    return SpecialistResult(model, classes, stored_correction, sampler.fraction, sampler.natural_fraction,
+    return SpecialistResult(model, classes, stored_correction, plan.fraction, plan.natural_fraction,
                             result, metrics)
 
 
@@ -364,31 +564,80 @@ def save_specialist(folder: Path, model: nn.Module, info: dict, history: list[di
     (folder / SPECIALIST_FILE).unlink(missing_ok=True)  # the folder is unfinished until it is rewritten
     save_checkpoint(model, folder, extra={"specialist": {k: info[k] for k in ("classes", "dustbin_correction")}})
     write_json(folder / "history.json", history)
-    write_json(folder / SPECIALIST_FILE, info)
+    # the weights' hash, so a resume can tell these weights from a file damaged or replaced since
+    write_json(folder / SPECIALIST_FILE, {**info, "weights_sha256": file_sha256(folder / "model.safetensors")})
 
 
 def finished_specialist(folder: Path, classes: list[int], generalist_sha256: str) -> dict | None:
-    """The folder's `specialist.json` if it is a finished specialist over `classes` of this generalist."""
+    """The folder's `specialist.json` if it is a finished, intact specialist over `classes` of this generalist.
+
+    Intact: its files parse, and the weights hash to the `weights_sha256` that
+    `specialist.json` recorded (a folder from before that field must load as
+    a checkpoint instead). Anything else is None: `--resume` retrains it.
+    """
     try:
         info = read_json(folder / SPECIALIST_FILE)
+        read_json(folder / "history.json")
+        read_json(folder / "model.json")
     except RunDirError:
         return None
-    whole = all((folder / name).is_file() for name in ("model.safetensors", "model.json", "history.json"))
-    if not whole or info.get("classes") != classes or info.get("generalist_sha256") != generalist_sha256:
+    if (not isinstance(info, dict) or not (folder / "model.safetensors").is_file() or info.get("classes") != classes
+            or info.get("generalist_sha256") != generalist_sha256):
+        return None
+    if "weights_sha256" in info:
+        return info if file_sha256(folder / "model.safetensors") == info["weights_sha256"] else None
+    try:
+        load_checkpoint(folder)
+    except CheckpointError:
         return None
     return info
 
 
-def load_specialist(folder: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def _check_info(info, folder: Path, n_classes: int | None) -> None:
+    """The fields of specialist.json a combiner uses: classes, the dustbin corrections."""
+    where = folder / SPECIALIST_FILE
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    classes = info.get("classes")
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)):
+        raise CheckpointError(f"{where}: 'classes' must be a non-empty list of class ids, got {classes!r:.80}")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{where}: 'classes' lists a class twice")
+    if n_classes is not None:
+        bad = [c for c in classes if not 0 <= c < n_classes]
+        if bad or len(classes) >= n_classes:
+            why = f"class {bad[0]}" if bad else f"all {len(classes)} classes"
+            raise CheckpointError(f"{where}: 'classes' holds {why}, but the run has {n_classes} classes "
+                                  f"(0..{n_classes - 1}) and a specialist covers fewer than all")
+    for key in ("dustbin_correction", "dustbin_correction_active_top1"):
+        value = info.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{where}: {key!r} must be a finite number, got {value!r}")
+
+
+def load_specialist(folder: str | Path, device: torch.device | str = "cpu", *, n_classes: int | None = None,
+                    generalist_sha256: str | None = None) -> tuple[nn.Module, dict]:
     """(model, info): info is `specialist.json` (classes, names, dustbin_correction, metrics, ...).
 
     The model's logits are (N, k+1) over info["classes"] then the dustbin,
     uncorrected: use `dustbin_corrected(logits, info["dustbin_correction"])`.
+    n_classes: the run's class count, to check the classes against;
+    generalist_sha256: the run's generalist weights, which the specialist must
+    have been trained from (its `generalist_sha256`).
     """
     folder = Path(folder)
     if not (folder / SPECIALIST_FILE).is_file():
         raise CheckpointError(f"{folder} is not a finished specialist (no {SPECIALIST_FILE})")
-    info = read_json(folder / SPECIALIST_FILE)
+    try:
+        info = read_json(folder / SPECIALIST_FILE)
+    except RunDirError as err:
+        raise CheckpointError(str(err)) from None
+    _check_info(info, folder, n_classes)
+    if generalist_sha256 is not None and info.get("generalist_sha256") != generalist_sha256:
+        raise CheckpointError(f"{folder} was trained from another generalist (its generalist_sha256 "
+                              f"{str(info.get('generalist_sha256'))[:12]!r} is not this run's "
+                              f"{generalist_sha256[:12]!r}); delete it and run with --resume to retrain it")
     model = load_checkpoint(folder, device)
     if model.head.out_features != len(info["classes"]) + 1:
         raise CheckpointError(f"{folder}: the head has {model.head.out_features} outputs, "

@@ -8,6 +8,7 @@ which may add a soft-target term).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -33,6 +34,14 @@ class TrainResult:
     examples_seen: int  # forward+backward passes: the compute measure for equal-compute baselines
     seconds: float
     history: list[dict] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # this process's CPU time while training, all its threads
+
+
+class TrainingError(ValueError):
+    """Training diverged: a non-finite loss or weight. Nothing of the diverged model is saved."""
+
+
+_DIVERGED = "training diverged: lower the learning rate ({key}={lr:g}) or check the inputs"
 
 
 def seed_everything(seed: int) -> None:
@@ -88,13 +97,18 @@ class _Optimizers:
         for optimizer in self.optimizers:
             optimizer.step()
 
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizers:
     if cfg.optimizer == "sgd":  # SGD takes sparse gradients as they are
         return _Optimizers(torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                            weight_decay=cfg.weight_decay))
     # A sparse embedding (fastText's 200k hashed n-grams) only touches the rows a batch
-    # uses; dense Adam would update all of them every step, 4x slower on Banking77.
+    # uses; dense Adam would update all of them every step.
     sparse = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
@@ -118,8 +132,22 @@ def train_model(
     loss_fn: LossFn = cross_entropy,
     desc: str = "train",
     progress: bool = True,
+    lr_key: str = "train.lr",
+    max_examples: int = 0,
 ) -> TrainResult:
-    """Train in place; on return `model` holds the weights of its best validation epoch."""
+    """Train in place; on return `model` holds the weights of its best validation epoch.
+
+    max_examples: a compute budget in training examples (forward + backward
+    passes); the epoch that reaches it is cut short, so `examples_seen` never
+    exceeds it, and is still validated. 0: no cap (`cfg.epochs` and early
+    stopping decide). `cfg.schedule="linear"` decays the learning rate from
+    `cfg.lr` to 0 over max_examples, or without a cap over `cfg.epochs` epochs.
+
+    Raises TrainingError, naming `desc`, the epoch and `lr_key` (the setting
+    `cfg.lr` came from), when the loss or a weight becomes NaN/inf.
+    """
+    if max_examples < 0:
+        raise ValueError(f"max_examples={max_examples} must be >= 0 (0: no cap)")
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     model.to(device)
@@ -128,22 +156,39 @@ def train_model(
     sample = sample or (lambda epoch, rng: rng.permutation(len(train_labels)))
 
     best_accuracy, best_epoch, best_state = -1.0, 0, None
-    history, seen, started = [], 0, time.perf_counter()
+    history, seen, started, planned = [], 0, time.perf_counter(), None
+    cpu_started = time.process_time()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
+        if max_examples and seen >= max_examples:
+            break
         model.train()
         order = sample(epoch, rng)
+        if max_examples:
+            order = order[:max_examples - seen]  # sampled in full first: the rng advances as without a cap
+        if planned is None:
+            planned = max_examples or cfg.epochs * len(order)  # what a linear schedule decays over
         parts_sum = {}
         for start in range(0, len(order), cfg.batch_size):
             index = order[start:start + cfg.batch_size]
+            if cfg.schedule == "linear":
+                optimizer.set_lr(cfg.lr * max(0.0, 1 - (seen + start) / max(planned, 1)))
             logits = model(*train_inputs.batch(index, device))
             parts = loss_fn(logits, labels[index].to(device), index)
+            values = {name: float(value.detach()) for name, value in parts.items()}
+            if not math.isfinite(values["loss"]):
+                raise TrainingError(f"{desc}: the loss is {values['loss']} at epoch {epoch}, batch "
+                                    f"{start // cfg.batch_size + 1}; {_DIVERGED.format(key=lr_key, lr=cfg.lr)}")
             optimizer.zero_grad()
             parts["loss"].backward()
             optimizer.step()
-            for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) * len(index)
+            for name, value in values.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value * len(index)
         seen += len(order)
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainingError(f"{desc}: weight {bad!r} holds NaN/inf after epoch {epoch}; "
+                                f"{_DIVERGED.format(key=lr_key, lr=cfg.lr)}")
 
         val_accuracy = accuracy(model, val_inputs, val_labels, cfg.eval_batch_size, device)
         row = {"epoch": epoch, **{k: v / max(len(order), 1) for k, v in parts_sum.items()}, "val_accuracy": val_accuracy}
@@ -158,4 +203,5 @@ def train_model(
 
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(best_epoch, best_accuracy, len(history), seen, time.perf_counter() - started, history)
+    return TrainResult(best_epoch, best_accuracy, len(history), seen, time.perf_counter() - started, history,
+                       time.process_time() - cpu_started)

@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from conftest import tiny_config
 from specialists.cli import main
-from specialists.pipeline import run_pipeline
+from specialists.stages import run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,11 @@ def test_recluster_and_report_commands(planted_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["cluster", "{run}", "cluster.n_clusters=61"], "cluster.n_clusters=61 must be <= the number of classes (60)"),
+    (["cluster", "{run}", "cluster.n_clusters=61"], "cluster.n_clusters=61 must be <= n_classes=60"),
     (["cluster", "{run}", "cluster.n_clusters=-1"], "cluster.n_clusters=-1"),
     (["cluster", "{run}", "train.epochs=3"], "only takes cluster.* overrides"),
-    (["cluster", "{run}", "cluster.max_cluster_size=2", "cluster.n_clusters=6"], "max_cluster_size=2"),
+    (["cluster", "{run}", "cluster.max_cluster_size=2", "cluster.n_clusters=6"],
+     "cluster.max_cluster_size=2 * n_clusters=6 < n_classes=60"),
     (["report", "{empty}"], "has no config.yaml"),
 ])
 def test_bad_cluster_requests(planted_run, tmp_path, capsys, args, expect):
@@ -105,3 +106,22 @@ def test_run_without_generalist_is_refused(tmp_path, capsys):
     (run / "classes.json").write_text(json.dumps([str(i) for i in range(77)]))
     assert main(["cluster", str(run)]) == 2
     assert "no generalist" in capsys.readouterr().err
+
+
+def test_a_broken_generalist_is_not_reported_as_a_cluster_setting(planted_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    run = tmp_path / "copy"
+    shutil.copytree(planted_run, run)
+    weights = run / "generalist" / "model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.startswith("head.") and k.endswith("weight"))
+    state[key][3, 0] = np.nan  # what a diverged training would leave
+    save_file(state, weights)
+    before = (run / "clusters.json").read_bytes()
+    assert main(["cluster", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "generalist" in err and "non-finite logits" in err and "cluster." not in err
+    assert (run / "clusters.json").read_bytes() == before

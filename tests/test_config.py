@@ -1,6 +1,10 @@
+import dataclasses
+
 import pytest
 
-from specialists.config import ConfigError, RunConfig, dump_config, load_config
+from specialists.config import (ConfigError, DistillConfig, RunConfig, dump_config, load_config,
+                                load_distill_config, resolve_student)
+from specialists.rundir import RunDirError
 
 
 def test_defaults_are_the_banking77_config():
@@ -60,3 +64,55 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such.yaml")
+
+
+# ---------------------------------------------------------------------------
+# `specialists distill` settings
+
+
+def test_student_inherits_the_teacher_and_the_keys_given_win(tmp_path):
+    path = tmp_path / "distill.yaml"
+    path.write_text("teacher:\n  model: {name: mlp, hidden: [64]}\n  train: {epochs: 9}\n"
+                    "student:\n  model: {hidden: [8]}\n")
+    cfg = load_distill_config(path, ["student.train.lr=0.05"])
+    assert cfg.student.model == dataclasses.replace(cfg.teacher.model, hidden=[8])
+    assert cfg.student.train == dataclasses.replace(cfg.teacher.train, lr=0.05) and cfg.student.train.epochs == 9
+    # student.model={...} replaces what the YAML gave under it: hidden is the teacher's again
+    whole = load_distill_config(path, ["student.model={dropout: 0.0}"])
+    assert whole.student.model == dataclasses.replace(whole.teacher.model, dropout=0.0)
+    # without the keys given, a student.model is taken whole and a missing one is the teacher's
+    mine = dataclasses.replace(cfg.teacher.model, name="cnn")
+    resolved = resolve_student(DistillConfig(teacher=cfg.teacher, student=dataclasses.replace(cfg.student, model=mine,
+                                                                                              train=None)))
+    assert resolved.student.model == mine and resolved.student.train == cfg.teacher.train
+
+
+def test_resolved_distill_config_round_trips(tmp_path):
+    cfg = load_distill_config(None, ["teacher.model.name=mlp", "student.temperature=2", "transfer.omit_classes=[3]"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_distill_config(path) == cfg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["teacher.source=both"], "teacher.source='both': must be one of ('combined', 'generalist')"),
+    (["teacher.runs=[a, a]"], "teacher.runs=['a', 'a']: lists a run twice"),
+    (["student.temperature=-2"], "student.temperature=-2.0: must be a finite number > 0"),
+    (["transfer.omit_classes=[3, '3']"], "lists a class twice"),
+    (["transfer.omit_classes=[a]", "transfer.keep_classes=[b]"], "set omit_classes or keep_classes, not both"),
+    (["bias.step=0.00001"], "gives more than 200,001 shifts"),
+])
+def test_bad_distill_values_name_key_and_value(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_distill_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+def test_data_keys_are_refused_with_teacher_runs():
+    with pytest.raises(ConfigError, match="data come from the teacher run 'some/run'"):
+        load_distill_config(None, ["teacher.runs=[some/run]", "data.kind=synthetic"])
+
+
+def test_a_teacher_run_without_its_config_is_named(tmp_path):
+    with pytest.raises(RunDirError, match="has no config.yaml"):
+        load_distill_config(None, [f"teacher.runs=[{tmp_path}]"])

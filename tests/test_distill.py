@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,14 +11,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from specialists.distill import (
     DistillLoss,
     TeacherCache,
+    accuracy_by_shift,
+    choose_bias_shift,
     collapse_labels,
     collapse_probs,
     distillation_loss,
     ensemble_probs,
+    gain_standard_error,
+    kept_gain,
     logit_matching_loss,
+    shift_bias,
     soft_target_loss,
     soft_targets,
 )
+from specialists.models import create_model
 
 
 def _softmax(xs, t=1.0):
@@ -396,3 +403,46 @@ def test_bad_labels_and_classes():
         collapse_probs(PT, [])
     with pytest.raises(ValueError, match="form='mse'"):
         soft_target_loss(ZT, PT, 2.0, form="mse")
+
+
+# --------------------------------------------------------------------------- #
+# section 3's bias shift and the kept gain
+# --------------------------------------------------------------------------- #
+
+
+def test_accuracy_by_shift_matches_argmax():
+    rng = np.random.default_rng(0)
+    logits, labels, cls = rng.normal(size=(300, 7)) * 3, rng.integers(0, 7, 300), [2, 5]
+    shifts = np.array([-4.0, -1.0, 0.0, 0.5, 2.0, 6.0])
+    mask = np.isin(np.arange(7), cls)
+    brute = [((logits + s * mask).argmax(1) == labels).mean() for s in shifts]
+    assert np.allclose(accuracy_by_shift(logits, labels, cls, shifts), brute)
+
+    # a plateau of equally good shifts: the middle one is chosen
+    two = np.array([[0.0, 1.0]])  # class 0 wins once its logit is shifted past +1
+    assert choose_bias_shift(two, np.array([0]), [0], max_shift=4.5, step=0.5) == pytest.approx(3.0)  # 1.5 .. 4.5
+
+    model = create_model("mlp", n_classes=7, input_shape=[4], hidden=[8], dropout=0.0)
+    x = torch.randn(5, 4)
+    before = model(x).detach()
+    shift_bias(model, cls, 1.5)
+    assert torch.allclose(model(x).detach() - before, torch.tensor(mask * 1.5, dtype=torch.float32), atol=1e-6)
+
+
+def test_kept_gain_values():
+    assert kept_gain(0.83, 0.80, 0.85, 1000)["kept_gain"] == pytest.approx(0.6)
+    assert kept_gain(0.86, 0.80, 0.85, 1000)["kept_gain"] == pytest.approx(1.2)
+    assert kept_gain(0.78, 0.80, 0.85, 1000, gain_stderr=0.02)["kept_gain"] == pytest.approx(-0.4)
+    undefined = kept_gain(0.83, 0.80, 0.8005, 1000)  # half a test example
+    assert undefined["kept_gain"] is None and "+0.5 of 1000 test examples, is ~0" in undefined["reason"]
+    assert kept_gain(0.83, 0.85, 0.80, 1000)["kept_gain"] is None  # the teacher is worse: no gain to keep
+    noisy = kept_gain(0.83, 0.80, 0.81, 1000, gain_stderr=0.006)  # +10 examples, 2 standard errors = 12
+    assert noisy["kept_gain"] is None and "2 standard errors, 12.0" in noisy["reason"]
+
+
+def test_gain_standard_error_is_mcnemars():
+    # 8 examples only the teacher gets right, 2 only the baseline, 90 both or neither
+    teacher = np.array([1] * 8 + [0] * 2 + [1] * 50 + [0] * 40)
+    baseline = np.array([0] * 8 + [1] * 2 + [1] * 50 + [0] * 40)
+    assert gain_standard_error(teacher, baseline) == pytest.approx(np.sqrt(8 + 2) / 100)
+    assert gain_standard_error(teacher, teacher) == 0.0

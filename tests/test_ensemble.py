@@ -9,8 +9,9 @@ import specialists
 from conftest import tiny_config
 from specialists.config import load_config
 from specialists.models import load_checkpoint
-from specialists.pipeline import dataset_for_run, run_pipeline
 from specialists.rundir import RunDir
+from specialists.runtime import dataset_for_run
+from specialists.stages import run_pipeline
 from specialists.train import predict_proba
 
 

@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, TINY_SYNTHETIC, tiny_config
 from specialists.config import ConfigError, RayConfig
 from specialists.parallel import ray_session
-from specialists.pipeline import run_pipeline
+from specialists.stages import run_pipeline
 
 RAY = Path(sys.executable).parent / "ray"
 EXCLUDES = [".git", ".venv", "runs", "build", "*.egg-info", ".pytest_cache", "__pycache__"]

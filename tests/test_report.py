@@ -7,7 +7,6 @@ import base64
 import copy
 import html
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -19,17 +18,21 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from specialists import report
 from specialists.report import (
+    analysis,
+    check_groups,
     cluster_order,
+    confused_pairs,
     error_share_inside,
     format_results,
     format_summary,
     md_escape,
     reordered_image,
+    summary_table,
     within_between,
     write_report,
 )
+from specialists.rundir import RunDir, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -145,20 +148,6 @@ def test_writes_every_file_atomically(written):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
-def test_failed_write_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
-    target = tmp_path / "summary.md"
-    target.write_text("old")
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(report.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        report._write_atomic(target, b"new")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
-
-
 def test_html_table_lists_every_cluster_with_escaped_names(example, written):
     out, _ = written
     page = (out / "index.html").read_text(encoding="utf-8")
@@ -224,6 +213,13 @@ def test_html_embeds_the_written_pngs(written):
 # --------------------------------------------------------------------------- helpers
 
 
+def test_the_report_package_imports_neither_torch_nor_ray():
+    code = "import sys, specialists.report; print(sorted(m for m in sys.modules if m in ('torch', 'ray')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+
 def test_cluster_order_groups_classes_and_puts_uncovered_last():
     groups = [[4, 1], [0, 5, 1]]  # class 1 in both: placed with the first
     order = cluster_order(groups, 7)
@@ -259,7 +255,7 @@ def test_block_average_agrees_with_direct_reorder(monkeypatch):
     image, f = reordered_image(m, order, max_cells=10)
     assert f == 11 and image.shape == (10, 10)
     np.testing.assert_allclose(image, expect, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(report, "_CHUNK_ELEMENTS", 3 * n)  # many row chunks, including a short last one
+    monkeypatch.setattr(analysis, "CHUNK_ELEMENTS", 3 * n)  # many row chunks, including a short last one
     np.testing.assert_allclose(reordered_image(m, order, max_cells=10)[0], expect, rtol=1e-5, atol=1e-6)
 
 
@@ -272,7 +268,7 @@ def test_within_between_hand_computed(monkeypatch):
     )
     expect = [[0.5, (0.1 + 0.2 + 0.3 + 0.0) / 4], [math.nan, (0.1 + 0.3 + 0.4) / 3]]
     np.testing.assert_allclose(within_between(m, [[0, 1], [2]]), expect)
-    monkeypatch.setattr(report, "_CHUNK_ELEMENTS", 4)  # one row per step
+    monkeypatch.setattr(analysis, "CHUNK_ELEMENTS", 4)  # one row per step
     np.testing.assert_allclose(within_between(m, [[0, 1], [2]]), expect)
     assert np.isnan(within_between(m, [[0, 1, 2, 3]])[0, 1])  # nothing outside
 
@@ -285,6 +281,26 @@ def test_error_share_inside_hand_computed():
     assert error_share_inside(np.array([(0, 2), (2, 1), (0, 1)]), overlapping) == (2, 3, 2 / 3)
     inside, total, share = error_share_inside(np.zeros((0, 2), dtype=int), groups)
     assert (inside, total) == (0, 0) and math.isnan(share)
+    assert error_share_inside(pairs, []) == (0, 6, 0.0)  # no clusters: nothing a specialist can fix
+    with pytest.raises(ValueError, match=r"groups\[1\] is empty"):
+        error_share_inside(pairs, [[0, 1], []])
+
+
+def test_check_groups_allows_overlap_but_not_empty_or_repeated():
+    assert check_groups([np.array([2, 0]), [0]], 3) == [[2, 0], [0]]  # class 0 in two clusters is fine
+    assert all(type(c) is int for c in check_groups([np.array([2, 0])], 3)[0])
+    for groups, match in [([[0], []], r"groups\[1\] is empty"), ([[0, 2, 0]], "lists class 0 twice"),
+                          ([[3]], r"class index 3 outside \[0, 3\)")]:
+        with pytest.raises(ValueError, match=match):
+            check_groups(groups, 3)
+
+
+def test_confused_pairs_most_frequent_first():
+    pairs = np.array([(2, 3), (0, 1), (2, 3), (1, 0), (0, 1), (4, 0)])
+    uniq, counts, same = confused_pairs(pairs, [[0, 1], [2, 4]], 5)
+    # ties (count 2, then count 1) keep ascending pair order
+    assert uniq.tolist() == [[0, 1], [2, 3], [1, 0], [4, 0]]
+    assert counts.tolist() == [2, 2, 1, 1] and same.tolist() == [True, False, True, False]
 
 
 def test_error_section_counts_and_top_pair(example, written):
@@ -475,11 +491,11 @@ def test_report_without_an_ensemble_has_no_results_section(written):
 
 
 def test_summary_table_prints_the_results_tables(tmp_path):
-    from specialists.pipeline import summary_table
-    from specialists.rundir import RunDir, write_json
+    def summary():  # as the CLI prints it after `specialists run` and `evaluate`
+        return summary_table(RunDir(tmp_path).read_metrics())
 
     write_json(tmp_path / "metrics.json", RESULTS)
-    text = summary_table(RunDir(tmp_path))
+    text = summary()
     assert re.search(r"^  generalist\.test_accuracy +0\.3395$", text, re.M)
     assert re.search(r"^  timings\.total +64\.6210$", text, re.M)
     assert "ensemble.test_errors" not in text and "peer_ensemble." not in text  # shown as tables instead
@@ -488,9 +504,9 @@ def test_summary_table_prints_the_results_tables(tmp_path):
     assert [cells(line) for line in covering[2:]] == COVERING_ROWS
 
     write_json(tmp_path / "metrics.json", {"generalist": RESULTS["generalist"]})  # before evaluate
-    assert summary_table(RunDir(tmp_path)).splitlines()[1].startswith("  generalist.test_accuracy")
+    assert summary().splitlines()[1].startswith("  generalist.test_accuracy")
     write_json(tmp_path / "metrics.json", NO_SPECIALISTS)
-    text = summary_table(RunDir(tmp_path))
+    text = summary()
     assert "ensemble.mode" not in text and "generalist alone" in text and "peer" not in text
 
 

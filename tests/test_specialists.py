@@ -21,10 +21,12 @@ from conftest import tiny_config
 from specialists.config import ConfigError, RayConfig
 from specialists.models import create_model, load_checkpoint, with_dustbin_head
 from specialists.parallel import ray_session, train_specialists
-from specialists.pipeline import dataset_for_run, run_pipeline
 from specialists.rundir import RunDir, RunDirError
-from specialists.specialist import (EnrichedSampler, conditional_accuracy, dustbin_correction, dustbin_corrected,
-                                    load_specialist, specialist_soft_targets, train_specialist)
+from specialists.runtime import dataset_for_run
+from specialists.specialist import (EnrichedSampler, ShardStore, conditional_accuracy, cut_generalist_outputs,
+                                    dustbin_correction, dustbin_corrected, load_specialist, plan_specialist,
+                                    specialist_data, specialist_soft_targets, train_specialist)
+from specialists.stages import run_pipeline
 from specialists.train import predict_logits
 
 QUIET = dict(log=lambda s: None, progress=False)
@@ -172,22 +174,23 @@ def test_run_directory_holds_what_a_combiner_needs(tiny_run):
     assert not list(tiny_run.rglob("*.tmp"))
 
 
-def test_the_correction_calibrates_a_confusable_dustbin(tiny_run):
+def test_the_correction_calibrates_a_confusable_dustbin(tiny_run, tmp_path):
     # A group that cuts across the planted groups, so the dustbin is confusable with its classes:
     # trained on half special examples (natural share 1/4), the raw dustbin probability is too low;
     # corrected by b = log 3 it matches the true share of other classes.
     run = RunDir(tiny_run)
     cfg, dataset = dataset_for_run(run)
     generalist = load_checkpoint(run.generalist)
-    logits = {s: predict_logits(generalist, generalist.encode(getattr(dataset, s).inputs))
-              for s in ("train", "val", "test")}
     cfg = tiny_config("specialists.patience=0")
-    result = train_specialist(generalist, [0, 3, 5, 8, 13, 21, 22, 30, 34, 39], dataset, logits, cfg, seed=0)
+    plan = plan_specialist(0, [0, 3, 5, 8, 13, 21, 22, 30, 34, 39], dataset, cfg)
+    store = ShardStore(tmp_path)
+    val_top1 = cut_generalist_outputs(generalist, dataset, [plan], store, cfg.train.eval_batch_size, "cpu")
+    result = train_specialist(generalist, specialist_data(plan, dataset, store, val_top1), dataset.val, cfg)
     m = result.metrics
     assert m["dustbin_correction"] == pytest.approx(math.log(3))
     raw_error = abs(m["val_dustbin_prob_raw"] - m["val_dustbin_share"])
     corrected_error = abs(m["val_dustbin_prob_corrected"] - m["val_dustbin_share"])
-    assert corrected_error < 0.05 and corrected_error < raw_error / 2  # measured: 0.01 vs 0.10
+    assert corrected_error < 0.05 and corrected_error < raw_error / 2
 
 
 def _processes_titled(title: str) -> list[int]:
@@ -264,6 +267,29 @@ def test_resume_trains_only_the_missing_specialist(tiny_run, tmp_path):
     lines.clear()
     run_pipeline(None, out, resume=True, log=lines.append, progress=False)
     assert "specialists: already trained, skipped" in lines
+
+
+def test_damaged_specialists_are_retrained_at_resume(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    run = RunDir(out)
+    cfg, dataset = dataset_for_run(run)
+    original = {m: (out / "specialists" / str(m) / "model.safetensors").read_bytes() for m in range(4)}
+    weights = {m: out / "specialists" / str(m) / "model.safetensors" for m in range(4)}
+    flipped = bytearray(original[0])
+    flipped[-3] ^= 0xFF  # still a loadable safetensors file: only its hash tells
+    weights[0].write_bytes(bytes(flipped))
+    weights[1].write_bytes(original[1][:len(original[1]) // 2])  # truncated
+    weights[2].unlink()
+    (out / "specialists" / "3" / "history.json").write_text("[{")
+    lines = []
+    section = train_specialists(cfg, dataset, run, torch.device("cpu"), log=lines.append, progress=False)
+    assert section["trained"] == 4 and section["count"] == 4  # none trusted (intact ones are: the test above)
+    assert sorted(line.split(":")[0] for line in lines if line.startswith("specialist ")) == [
+        f"specialist {m}" for m in range(4)]
+    for m in range(4):  # seeded: retrained to the very same weights
+        assert weights[m].read_bytes() == original[m]
+        json.loads((out / "specialists" / str(m) / "history.json").read_text())
 
 
 # ---------------------------------------------------------------------------

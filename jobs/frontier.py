@@ -1,0 +1,313 @@
+"""Issue 11's accuracy-compute frontier: peers vs specialists vs hybrids at equal extra compute.
+
+    python -m jobs.frontier [--config FILE] --budgets 0.25 0.5 1 2 --seeds 0 1 2 [--out DIR]
+                            [--variants default ...] [--markdown FILE] [--png FILE]
+
+Compute is counted as training examples processed (forward + backward
+passes), relative to E, the generalist's own `examples_seen`. At each extra
+budget B, three ways to spend B x E more examples than the generalist:
+
+* (a) peer: the equal-compute peer ensemble, generalists with seeds s+1,
+  s+2, ... trained on the generalist's schedule, each capped by what is left
+  of (1 + B) x E (`peer.member_epochs`, as the run's peer stage does); the
+  members' mean, or the mean of their tempered probabilities (one temperature
+  per member, fitted on validation), whichever has fewer validation errors;
+* (b) specialists: generalist + specialists with `specialists.budget=B`;
+* (c) hybrid: the peer members that (a) trains at a smaller budget B - b and
+  specialists with budget b, for each b < B in --budgets, combined with
+  `combine.generalists` = members + 1.
+
+Every setting is chosen on the validation split: for (b) and (c) the
+specialists' training variant (--variants, see VARIANTS), combine.top_n,
+combine.specialist_weight and whether the full models are tempered; the test
+split is only reported. Per seed everything lives under DIR/seed<s>/: the
+generalist and its clusters (`base/`), each peer member (`members/<k>-e<epochs>/`,
+reused by every budget that trains the same member), each specialists run
+(`spec-b<B>-<variant>/`, forked from base by `stages.fork_run`), with the
+models' validation and test probabilities stored beside them, so a rerun
+trains only what is missing. Printed and written to DIR: a Markdown table
+(test errors per seed and their mean, examples processed, CPU-seconds of
+training) and a PNG of mean test errors against B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specialists.config import load_config
+from specialists.ensemble import SpecialistsModel, combine_outputs
+from specialists.evaluation import fit_temperature, temper
+from specialists.generalist import fit_generalist
+from specialists.models import load_checkpoint, save_checkpoint
+from specialists.parallel import train_specialists
+from specialists.peer import member_epochs
+from specialists.report.document import Doc, Heading, Para, Table, render_md
+from specialists.report.plots import frontier_png
+from specialists.rundir import RunDir, read_json, write_bytes, write_json, write_text
+from specialists.runtime import dataset_for_run, setup_torch, timed_stage
+from specialists.stages import fork_run, run_pipeline
+from specialists.train import predict_proba
+
+# specialists.* overrides of each training variant; the config's own settings are "default"
+VARIANTS = {
+    "default": [],
+    "lr0.02": ["specialists.lr=0.02"],
+    "soft0": ["specialists.soft_weight=0"],
+    "soft0.5": ["specialists.soft_weight=0.5"],
+    "linear": ["specialists.schedule=linear", "specialists.lr=0.02"],
+}
+TOP_N = (1, 2, 3)
+SPECIALIST_WEIGHTS = (1.0, 2.0, 4.0, 8.0)
+SPLITS = ("val", "test")
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------
+# the models of one seed, trained once and stored with their outputs
+
+
+class Seed:
+    """Everything one seed trains, cached under `folder`: the generalist, peer members, specialists runs."""
+
+    def __init__(self, config: str | None, seed: int, folder: Path):
+        self.config, self.seed, self.folder = config, seed, folder
+        self.base = RunDir(folder / "base")
+        if not (self.base.metrics.is_file() and "ensemble" in self.base.read_metrics()):
+            cfg = load_config(config, [f"seed={seed}", "specialists.enabled=false", "peer.enabled=false"])
+            run_pipeline(cfg, self.base.root, resume=self.base.config.is_file(), log=quiet, progress=False)
+        self.cfg, self.dataset = dataset_for_run(self.base)
+        self.device = setup_torch(self.cfg)
+        generalist = self.base.read_metrics()["generalist"]
+        self.examples = int(generalist["examples_seen"])  # E
+        self.cpu_seconds = float(generalist.get("cpu_seconds", 0.0))
+        self.labels = {split: getattr(self.dataset, split).labels for split in SPLITS}
+        self.general = self._outputs(self.base.generalist, lambda: load_checkpoint(self.base.generalist, self.device))
+
+    def _outputs(self, folder: Path, model) -> dict[str, np.ndarray]:
+        """(N, C) float32 validation and test probabilities of a full model, stored as outputs.npz."""
+        path = folder / "outputs.npz"
+        if not path.is_file():
+            m = model()
+            probs = {split: predict_proba(m, m.encode(getattr(self.dataset, split).inputs),
+                                          self.cfg.train.eval_batch_size, self.device) for split in SPLITS}
+            np.savez(path, **probs)
+        with np.load(path) as stored:
+            return {split: stored[split] for split in SPLITS}
+
+    def member(self, k: int, epochs: int) -> dict:
+        """Peer member k (seed s + k) trained for at most `epochs`: its record and outputs."""
+        folder = self.folder / "members" / f"{k}-e{epochs}"
+        record = folder / "member.json"
+        if not record.is_file():
+            model, result = fit_generalist(self.cfg, self.dataset, self.device, seed=self.seed + k, epochs=epochs,
+                                           desc=f"peer {k}", progress=False)
+            save_checkpoint(model, folder)
+            self._outputs(folder, lambda: model)
+            write_json(record, {"member": k, "epochs_allowed": epochs, "epochs_run": result.epochs_run,
+                                "examples_seen": result.examples_seen, "seconds": round(result.seconds, 3),
+                                "cpu_seconds": round(result.cpu_seconds, 3)})
+        return {**read_json(record), "outputs": self._outputs(folder, None)}
+
+    def peers(self, budget: float) -> list[dict]:
+        """The members of the peer ensemble at extra budget `budget` (the generalist not included)."""
+        total, used, members = round((1 + budget) * self.examples), self.examples, []
+        while len(members) + 1 < self.cfg.peer.max_members:
+            epochs = member_epochs(total, used, len(self.dataset.train), self.cfg.train.epochs)
+            if epochs < 1:
+                break
+            members.append(self.member(len(members) + 1, epochs))
+            used += members[-1]["examples_seen"]
+        return members
+
+    def specialists(self, budget: float, variant: str) -> dict:
+        """Generalist + specialists trained with specialists.budget=budget and the variant's overrides."""
+        run = RunDir(self.folder / f"spec-b{budget:g}-{variant}")
+        path = run.root / "outputs.npz"
+        if not path.is_file():
+            if not (run.metrics.is_file() and "specialists" in run.read_metrics()):
+                if run.root.exists():  # an unfinished fork: start it again
+                    shutil.rmtree(run.root)
+                fork_run(self.base, run.root, ["specialists.enabled=true", f"specialists.budget={budget}",
+                                               "peer.enabled=false", *VARIANTS[variant]])
+                cfg = load_config(run.config)
+                timed_stage(run, "specialists", lambda: train_specialists(cfg, self.dataset, run, self.device,
+                                                                            log=quiet, progress=False),
+                            "specialists")
+            model = SpecialistsModel(run.root, self.device, generalists=1)
+            arrays = {}
+            for split in SPLITS:
+                _, special = model.outputs(getattr(self.dataset, split).inputs, self.cfg.train.eval_batch_size)
+                arrays.update({f"{split}_{m}": probs for m, probs in enumerate(special)})
+            write_json(run.root / "outputs.json", [info["classes"] for _, info in model.specialists])
+            np.savez(path, **arrays)
+        section = run.read_metrics()["specialists"]
+        classes = read_json(run.root / "outputs.json")
+        with np.load(path) as stored:
+            outputs = {split: [stored[f"{split}_{m}"] for m in range(len(classes))] for split in SPLITS}
+        return {"variant": variant, "budget": budget, "classes": classes, "outputs": outputs,
+                "examples_seen": int(section["examples_seen"]), "cpu_seconds": float(section.get("cpu_seconds", 0)),
+                "wall_seconds": run.read_metrics()["timings"]["specialists"]}
+
+
+# ---------------------------------------------------------------------------
+# choosing on validation
+
+
+def errors(probs: np.ndarray | torch.Tensor, labels: np.ndarray) -> int:
+    return int((np.asarray(probs).argmax(1) != labels).sum())
+
+
+def full_models(seed: Seed, members: list[dict], tempered: bool) -> dict[str, torch.Tensor]:
+    """(G, N, C) float64 probabilities of the generalist and `members` per split; tempered: each model's
+    probabilities at the temperature that fits its validation labels best."""
+    models = [seed.general] + [m["outputs"] for m in members]
+    temperatures = [fit_temperature(outputs["val"], seed.labels["val"]) if tempered else 1.0 for outputs in models]
+    return {split: torch.from_numpy(np.stack([temper(outputs[split].astype(np.float64), t) if tempered
+                                              else outputs[split].astype(np.float64)
+                                              for outputs, t in zip(models, temperatures)]))
+            for split in SPLITS}
+
+
+def best_combination(seed: Seed, members: list[dict], specialists: list[dict]) -> dict:
+    """The setting with the fewest validation errors among: tempered or not, each specialists run
+    (training variant), top_n and specialist_weight; its validation and test errors."""
+    candidates = []
+    for tempered in (False, True):
+        full = full_models(seed, members, tempered)
+        for spec in specialists or [None]:
+            if spec is None:
+                settings = [(None, None)]
+            else:
+                settings = [(n, w) for n in TOP_N for w in SPECIALIST_WEIGHTS if n <= seed.dataset.n_classes]
+            classes = [torch.tensor(c) for c in spec["classes"]] if spec else []
+            for top_n, weight in settings:
+                def combined(split):
+                    probs = [torch.from_numpy(p.astype(np.float64)) for p in spec["outputs"][split]] if spec else []
+                    return combine_outputs(full[split], probs, classes, top_n or 1, weight or 1.0).numpy()
+
+                candidates.append(((errors(combined("val"), seed.labels["val"]), len(candidates)), combined,
+                                   {"tempered": tempered, "variant": spec["variant"] if spec else None,
+                                    "top_n": top_n, "specialist_weight": weight}, spec))
+    (val_errors, _), combined, setting, spec = min(candidates, key=lambda c: c[0])
+    examples = seed.examples + sum(m["examples_seen"] for m in members) + (spec["examples_seen"] if spec else 0)
+    cpu = seed.cpu_seconds + sum(m["cpu_seconds"] for m in members) + (spec["cpu_seconds"] if spec else 0)
+    return {**setting, "full_models": 1 + len(members), "val_errors": val_errors,
+            "test_errors": errors(combined("test"), seed.labels["test"]), "examples_seen": examples,
+            "examples_x": examples / seed.examples, "cpu_seconds": round(cpu, 1)}
+
+
+def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=print) -> dict:
+    """(a), (b), (c) at each budget for one seed."""
+    general = {"val_errors": errors(seed.general["val"], seed.labels["val"]),
+               "test_errors": errors(seed.general["test"], seed.labels["test"]), "examples_seen": seed.examples,
+               "cpu_seconds": seed.cpu_seconds}
+    out = {"generalist": general, "budgets": {}}
+    for budget in budgets:
+        row = {"peer": best_combination(seed, seed.peers(budget), [])}
+        row["specialists"] = best_combination(seed, [], [seed.specialists(budget, v) for v in variants])
+        hybrids = []
+        for spec_budget in (b for b in budgets if b < budget):
+            members = seed.peers(budget - spec_budget)
+            if members:
+                hybrids.append(best_combination(seed, members, [seed.specialists(spec_budget, v) for v in variants]))
+                hybrids[-1]["specialists_budget"] = spec_budget
+        if hybrids:
+            row["hybrid"] = min(hybrids, key=lambda h: h["val_errors"])
+        out["budgets"][str(budget)] = row
+        log(f"seed {seed.seed} B={budget:g}: generalist {general['test_errors']}, "
+            + ", ".join(f"{name} {r['test_errors']} (val {r['val_errors']}, {r['examples_x']:.2f}x)"
+                        for name, r in row.items()))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the table and the plot
+
+
+METHODS = (("peer", "(a) peer ensemble"), ("specialists", "(b) generalist + specialists"),
+           ("hybrid", "(c) hybrid"))
+
+
+def setting_text(r: dict) -> str:
+    parts = [f"{r['full_models']} full model{'s' if r['full_models'] > 1 else ''}"]
+    if r.get("variant"):
+        parts.append(f"specialists {r['variant']}" + (f" b={r['specialists_budget']:g}" if "specialists_budget" in r
+                                                      else ""))
+        parts.append(f"top_n {r['top_n']}, weight {r['specialist_weight']:g}")
+    if r["tempered"]:
+        parts.append("tempered")
+    return "; ".join(parts)
+
+
+def summarise(results: dict[int, dict], budgets: list[float], title: str) -> tuple[Doc, dict]:
+    seeds = sorted(results)
+    general = [results[s]["generalist"]["test_errors"] for s in seeds]
+    doc = Doc(title)
+    doc.add(Para(f"Seeds {seeds}; generalist test errors {general} (mean {np.mean(general):.1f}). Test errors per "
+                 "seed (mean); examples processed in training as a multiple of the generalist's, and CPU-seconds "
+                 "of training, both means over seeds. Every setting chosen on validation errors."))
+    rows, means = [], {}
+    for budget in budgets:
+        key = str(budget)
+        for method, label in METHODS:
+            found = [results[s]["budgets"][key].get(method) for s in seeds]
+            if not all(found):
+                continue
+            test = [r["test_errors"] for r in found]
+            means.setdefault(method, {})[budget] = float(np.mean(test))
+            rows.append([f"{budget:g}", label, " ".join(map(str, test)) + f" ({np.mean(test):.1f})",
+                         f"{np.mean([r['examples_x'] for r in found]):.2f}",
+                         f"{np.mean([r['cpu_seconds'] for r in found]):.0f}",
+                         " | ".join(setting_text(r) for r in found)])
+        best = min(("specialists", "hybrid"), key=lambda m: means.get(m, {}).get(budget, float("inf")))
+        if budget in means.get(best, {}) and budget in means.get("peer", {}):
+            won = means[best][budget] < means["peer"][budget]
+            rows.append([f"{budget:g}", f"best of (b), (c) vs (a)", f"{means[best][budget] - means['peer'][budget]:+.1f}",
+                         "", "", "won" if won else "NOT won"])
+    doc.add(Table(["B", "method", "test errors per seed (mean)", "examples (x E)", "CPU-s", "settings per seed"],
+                  rows))
+    return doc, {"generalist": float(np.mean(general)), "means": means}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (default: the built-in Banking77 defaults)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
+                        help="specialists training variants to choose among on validation")
+    parser.add_argument("--out", help="where the runs and results go (default runs/frontier-<config name>)")
+    args = parser.parse_args()
+    name = Path(args.config).stem if args.config else "banking77"
+    out = Path(args.out or f"runs/frontier-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = sorted(args.budgets)
+
+    results = {}
+    for s in args.seeds:
+        started = time.perf_counter()
+        results[s] = frontier_seed(Seed(args.config, s, out / f"seed{s}"), budgets, args.variants)
+        results[s]["seconds"] = round(time.perf_counter() - started, 1)
+        write_json(out / f"seed{s}" / "frontier.json", results[s])
+    doc, means = summarise(results, budgets, f"Accuracy-compute frontier: {name}")
+    doc.add(Heading(2, "Plot"), Para("frontier.png: mean test errors against the extra budget B."))
+    text = render_md(doc)
+    print(text)
+    write_text(out / "frontier.md", text)
+    write_json(out / "frontier.json", {"config": args.config, "budgets": budgets, "seeds": args.seeds,
+                                        "variants": args.variants, "results": results, **means})
+    write_bytes(out / "frontier.png", frontier_png(budgets, means["means"], means["generalist"], name))
+    print(f"written: {out / 'frontier.md'}, {out / 'frontier.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""What every command needs around its work: torch set up, a run's data reloaded,
+default output folders, and stages timed into metrics.json.
+
+Shared by `stages.py` (`specialists run/cluster/evaluate/report`) and
+`distill_run.py` (`specialists distill`); imports neither ray nor the stages.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import RunConfig, load_config
+from .data import Dataset, load_dataset
+from .models import resolve_device, trust_factory
+from .rundir import RunDir, RunDirError
+
+Log = Callable[[str], None]
+
+
+def setup_torch(cfg) -> torch.device:
+    """Apply `cfg.threads` and resolve `cfg.device` (any config with those two fields).
+
+    A config that names a user model's factory (model.factory) is the user's
+    instruction to run it, so the run's checkpoints may call it too
+    (models.trust_factory).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    factory = getattr(getattr(cfg, "model", None), "factory", "")
+    if factory:
+        trust_factory(factory)
+    return resolve_device(cfg.device)
+
+
+def default_out_dir(name: str) -> Path:
+    """`runs/<name>-<local time>`."""
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def data_summary(dataset: Dataset, device: torch.device) -> dict:
+    """The `data` section of metrics.json."""
+    return {"name": dataset.name, "classes": dataset.n_classes, "train": len(dataset.train),
+            "val": len(dataset.val), "test": len(dataset.test), "device": str(device)}
+
+
+def dataset_for_run(run: RunDir) -> tuple[RunConfig, Dataset]:
+    """Reload a run's data exactly as the run saw it (same config, same seed)."""
+    run.require(run.config, what="run")
+    cfg = load_config(run.config)
+    dataset = load_dataset(cfg.data, cfg.seed)
+    saved = run.read_classes()
+    if saved != dataset.classes:
+        raise RunDirError(f"{run.classes} does not match the classes of the run's data ({len(saved)} vs "
+                          f"{dataset.n_classes}); was the data changed since the run?")
+    return cfg, dataset
+
+
+def timed_stage(run: RunDir, stage: str, fn: Callable[[], dict | None], section: str | None = None) -> dict | None:
+    """Run a stage; record its metrics section and its seconds in one atomic write; return its metrics."""
+    started = time.perf_counter()
+    metrics = fn()
+    updates = {"timings": {stage: round(time.perf_counter() - started, 3)}}
+    if section and metrics is not None:
+        updates[section] = metrics
+    run.update_metrics(updates)
+    return metrics
