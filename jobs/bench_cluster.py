@@ -1,13 +1,16 @@
 """Time the streamed covariance and the clustering against a matmul floor.
 
     python -m jobs.bench_cluster [--classes 1000 5000 15000] [--n 50000] [--device cpu|cuda]
+                                 [--signal probs|tempered --temperature T]
 
 For each C: synthetic probabilities with planted groups of about sqrt(C)
 classes (``make_confusable_probabilities``), then, on the same (N, C) float32
 data and device:
 
     floor      one torch.matmul(P.T, P): the least any covariance can cost
-    covariance CovarianceAccumulator fed in --batch-size rows (validated)
+    covariance the cluster stage's signal (``signals.tempered_covariance``, T = 1 for
+               ``probs``) fed their logits log P in --batch-size rows: softmax(z / T)
+               per batch into a validated CovarianceAccumulator
     clustering ConfusionClusterer(n_clusters=#planted groups).fit(cov)
 
 and prints wall and CPU seconds per stage (fastest of --repeat runs, stages
@@ -33,7 +36,8 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from specialists.cluster import ConfusionClusterer, CovarianceAccumulator
+from specialists.cluster import ConfusionClusterer
+from specialists.signals import tempered_covariance
 
 
 class PeakRSS:
@@ -155,21 +159,19 @@ def planted_sizes(n_classes, seed):
     return sizes.tolist()
 
 
-def run(n_classes, n_rows, device, batch_size, seed, repeat):
+def run(n_classes, n_rows, device, batch_size, seed, repeat, temperature=1.0):
     gib = 2.0**30
     t = time.perf_counter()
     sizes = planted_sizes(n_classes, seed)
     probs, _, groups = make_confusable_probabilities(n_rows, sizes, seed=seed)
     gen_s = time.perf_counter() - t
     p = torch.from_numpy(probs).to(device)  # (N, C) float32
+    z = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))  # (N, C) logits of these probabilities
     del probs
     torch.matmul(p[:256].T, p[:256])  # warm up BLAS / cuBLAS
 
     def covariance():
-        acc = CovarianceAccumulator(n_classes, device)
-        for lo in range(0, n_rows, batch_size):
-            acc.update(p[lo : lo + batch_size])
-        return acc.covariance()
+        return tempered_covariance(z.split(batch_size), n_classes, temperature, device)
 
     use_gpu = "auto" if device.type == "cuda" else False
     clusterer = ConfusionClusterer(len(sizes), seed=seed, use_gpu=use_gpu)
@@ -206,7 +208,7 @@ def run(n_classes, n_rows, device, batch_size, seed, repeat):
         f"{len(clusterer.groups_)} groups, {len(clusterer.uncovered_)} uncovered",
         flush=True,
     )
-    del p
+    del p, z
 
 
 def main(argv=None):
@@ -218,6 +220,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="runs per stage; the fastest is reported")
+    parser.add_argument("--signal", default="probs", choices=["probs", "tempered"], help="cluster.signal")
+    parser.add_argument("--temperature", type=float, default=2.0, help="T of the tempered signal")
     args = parser.parse_args(argv)
     if len(args.n) not in (1, len(args.classes)):
         parser.error(f"--n takes 1 or {len(args.classes)} values, got {len(args.n)}")
@@ -226,10 +230,12 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"batch={args.batch_size} repeat={args.repeat} load average={load:.1f}"
+        f"batch={args.batch_size} repeat={args.repeat} load average={load:.1f} signal={args.signal}"
+        + (f" T={args.temperature:g}" if args.signal == "tempered" else "")
     )
     for n_classes, n_rows in zip(args.classes, rows):
-        run(n_classes, n_rows, device, args.batch_size, args.seed, args.repeat)
+        run(n_classes, n_rows, device, args.batch_size, args.seed, args.repeat,
+            args.temperature if args.signal == "tempered" else 1.0)
 
 
 if __name__ == "__main__":

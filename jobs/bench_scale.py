@@ -2,6 +2,7 @@
 
     python -m jobs.bench_scale [--classes 1000 5000 15000] [--n-scale 1 2] [--per-class 20]
                                [--config configs/synthetic.yaml] [--set key=value ...] [--out DIR] [--plot PNG]
+    python -m jobs.bench_scale --as-is --config configs/jft_shape.yaml    # one run of a config as it is
 
 Each size is issue 15's command with C classes: `specialists run` of
 `--config` with data.synthetic.n_classes=C, n_groups=C/20 (so specialists of
@@ -51,14 +52,36 @@ def _status_kib(pid: int | str, field: str) -> int:
     return 0
 
 
+def _ray_workers(root: int) -> list[int]:
+    """Pids of the processes descended from `root` whose command line is Ray's worker title, ray::..."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().startswith(b"ray::"):
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 class Monitor(threading.Thread):
-    """Samples this process, its Ray workers and the object store until `stop`."""
+    """Samples this process, its Ray workers and the object store until `stop` (Linux /proc)."""
 
     def __init__(self, interval: float = 0.1):
         super().__init__(daemon=True)
-        import psutil  # a dependency of ray
-
-        self.psutil, self.interval = psutil, interval
+        self.interval = interval
         self.samples: list[tuple[float, int]] = []  # (time, driver RSS bytes)
         self.worker_peak, self.worker_pid, self.store_peak = 0, None, 0
         self._stop_event = threading.Event()
@@ -78,23 +101,14 @@ class Monitor(threading.Thread):
             return 0
 
     def run(self) -> None:
-        me = self.psutil.Process()
+        me = os.getpid()
         while not self._stop_event.is_set():
             now = time.perf_counter()
             self.samples.append((now, _status_kib("self", "VmRSS") * 1024))
-            try:
-                children = me.children(recursive=True)
-            except self.psutil.Error:
-                children = []
-            for child in children:
-                try:
-                    if not " ".join(child.cmdline()).startswith("ray::"):
-                        continue
-                except self.psutil.Error:
-                    continue
-                peak = _status_kib(child.pid, "VmHWM") * 1024
+            for pid in _ray_workers(me):
+                peak = _status_kib(pid, "VmHWM") * 1024
                 if peak > self.worker_peak:
-                    self.worker_peak, self.worker_pid = peak, child.pid
+                    self.worker_peak, self.worker_pid = peak, pid
             if now - self._store_checked > 0.5:
                 self._store_checked = now
                 self.store_peak = max(self.store_peak, self._store_bytes())
@@ -105,7 +119,9 @@ class Monitor(threading.Thread):
         self.join()
 
 
-def size_overrides(classes: int, per_class: int, extra: list[str]) -> list[str]:
+def size_overrides(classes: int, per_class: int, extra: list[str], as_is: bool = False) -> list[str]:
+    if as_is:
+        return list(extra)
     return [f"data.synthetic.n_classes={classes}", f"data.synthetic.n_groups={max(1, classes // 20)}",
             f"data.synthetic.train_per_class={per_class}", "data.synthetic.test_per_class=4", "train.epochs=3",
             "specialists.epochs=2", "specialists.patience=0", "peer.enabled=false", *extra]
@@ -142,7 +158,12 @@ def run_one(config: str, overrides: list[str], out: Path) -> dict:
         "test_accuracy": ensemble.get("test_accuracy"),
         "specialists": metrics.get("specialists", {}).get("count"),
         "planted_adjusted_rand": metrics.get("cluster", {}).get("planted_adjusted_rand"),
+        "load_average": os.getloadavg(),  # of the machine: other jobs slow every stage down
     }
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _table(results: list[dict]) -> str:
@@ -155,10 +176,10 @@ def _table(results: list[dict]) -> str:
             lines.append(f"  {stage:<12} {s['seconds']:>9.1f} {s['driver_peak_bytes'] / GiB:>10.2f} GiB")
         lines.append(f"  driver peak {r['driver_peak_bytes'] / GiB:.2f} GiB, largest worker "
                      f"{r['worker_peak_bytes'] / GiB:.2f} GiB, object store peak {r['store_peak_bytes'] / GiB:.2f} GiB")
-        rate = r["evaluate_examples_per_s"]
-        lines.append(f"  evaluation {rate:,.0f} test examples/s; test accuracy generalist "
-                     f"{r['generalist_test_accuracy']:.4f}, + specialists {r['test_accuracy']:.4f}; planted ARI "
-                     f"{r['planted_adjusted_rand']:.3f}")
+        lines.append(f"  evaluation {_fmt(r['evaluate_examples_per_s'], ',.0f')} test examples/s; test accuracy "
+                     f"generalist {_fmt(r['generalist_test_accuracy'], '.4f')}, + specialists "
+                     f"{_fmt(r['test_accuracy'], '.4f')}; planted ARI {_fmt(r['planted_adjusted_rand'], '.3f')}; "
+                     f"load average at the end {', '.join(f'{x:.1f}' for x in r['load_average'])}")
     return "\n".join(lines)
 
 
@@ -200,32 +221,34 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directories (default: a temporary folder)")
     parser.add_argument("--plot", type=Path, default=Path("bench_scale.png"))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--as-is", action="store_true", help="run --config as it is: no size overrides, one run")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one run, figures to this file
     args = parser.parse_args()
 
     if args.child is not None:
         out = args.child.parent / "run"
-        result = run_one(args.config, size_overrides(args.classes[0], args.per_class, args.set), out)
+        result = run_one(args.config, size_overrides(args.classes[0], args.per_class, args.set, args.as_is), out)
         args.child.write_text(json.dumps(result))
         return
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     results = []
-    for scale in args.n_scale:
-        for classes in args.classes:
-            folder = root / f"C{classes}-x{scale}"
-            folder.mkdir(parents=True, exist_ok=False)
-            figures = folder / "figures.json"
-            cmd = [sys.executable, "-m", "jobs.bench_scale", "--child", str(figures), "--classes", str(classes),
-                   "--per-class", str(args.per_class * scale), "--config", args.config, "--set", *args.set]
-            print(f"== C={classes}, {args.per_class * scale} train examples per class: {folder}", flush=True)
-            with open(folder / "log.txt", "w") as log:
-                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-            if done.returncode:
-                print(f"   failed (exit {done.returncode}); see {folder / 'log.txt'}")
-                continue
-            results.append(json.loads(figures.read_text()))
-            print(_table(results[-1:]), flush=True)
+    sizes = [(0, 1)] if args.as_is else [(classes, scale) for scale in args.n_scale for classes in args.classes]
+    for classes, scale in sizes:
+        folder = root / (Path(args.config).stem if args.as_is else f"C{classes}-x{scale}")
+        folder.mkdir(parents=True, exist_ok=False)
+        figures = folder / "figures.json"
+        cmd = [sys.executable, "-m", "jobs.bench_scale", "--child", str(figures), "--classes", str(classes),
+               "--per-class", str(args.per_class * scale), "--config", args.config, "--set", *args.set,
+               *(["--as-is"] if args.as_is else [])]
+        print(f"== {folder.name}: {folder}", flush=True)
+        with open(folder / "log.txt", "w") as log:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        if done.returncode:
+            print(f"   failed (exit {done.returncode}); see {folder / 'log.txt'}")
+            continue
+        results.append(json.loads(figures.read_text()))
+        print(_table(results[-1:]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if results:

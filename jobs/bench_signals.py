@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from specialists.cluster import ConfusionClusterer
+from specialists.cluster import ConfusionClusterer, correlation_from_covariance
 from specialists.config import load_config
 from specialists.data import load_dataset
 from specialists.models import load_checkpoint
@@ -63,6 +63,9 @@ def pairs_of(logits, labels, rows=None):
 
 
 def matrix_of(signal, t, logits, labels, model, n_classes):
+    if "+" in signal:  # a mix: the mean of the parts' correlation matrices
+        return sum(correlation_from_covariance(matrix_of(part, t, logits, labels, model, n_classes))
+                   for part in signal.split("+")) / len(signal.split("+"))
     if signal == "head":
         return head_similarity(model)
     batches = torch.from_numpy(logits).split(4096)
@@ -81,7 +84,9 @@ def ensemble(base: str, out_dir: str, variants: list[str], json_out: str = "") -
     rows = []
     for i, variant in enumerate(variants):
         overrides = variant.split()
-        if overrides:
+        if overrides and "ensemble" in RunDir(Path(out_dir) / f"v{i}").read_metrics():  # done before: reused
+            run = RunDir(Path(out_dir) / f"v{i}")
+        elif overrides:
             run = fork_run(base, Path(out_dir) / f"v{i}", [*overrides, "peer.enabled=false"])
             run_pipeline(None, run.root, resume=True, log=lambda line: None, progress=False)
         else:
@@ -89,7 +94,7 @@ def ensemble(base: str, out_dir: str, variants: list[str], json_out: str = "") -
         cfg = load_config(run.config)
         dataset = load_dataset(cfg.data, cfg.seed)
         model = SpecialistsModel(run.root, "cpu")
-        errors = {s: int((model.predict(getattr(dataset, s).inputs) != getattr(dataset, s).labels).sum())
+        errors = {s: int((model.predict_proba(getattr(dataset, s).inputs).argmax(1) != getattr(dataset, s).labels).sum())
                   for s in ("val", "test")}
         metrics = run.read_metrics()
         c = metrics["cluster"]
@@ -158,6 +163,8 @@ def main(argv=None):
     def cost(signal, t):
         if signal in ("out_of_fold", "oof_confusion"):
             return oof_seconds
+        if "+" in signal:
+            return float("nan")
         c = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, signal=signal, temperature=t))
         rows = "train" if signal == "train_tempered" else "val"
         best = np.inf

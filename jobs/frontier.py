@@ -49,7 +49,7 @@ from specialists.parallel import train_specialists
 from specialists.peer import member_epochs
 from specialists.report.document import Doc, Heading, Para, Table, render_md
 from specialists.report.plots import frontier_png
-from specialists.rundir import RunDir, read_json, write_bytes, write_json, write_text
+from specialists.rundir import RunDir, atomic_write, read_json, write_bytes, write_json, write_text
 from specialists.runtime import dataset_for_run, setup_torch, timed_stage
 from specialists.stages import fork_run, run_pipeline
 from specialists.train import predict_proba
@@ -69,6 +69,15 @@ SPLITS = ("val", "test")
 
 def quiet(_: str) -> None:
     pass
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz written whole or not at all (a killed job leaves no truncated file to trust)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------
@@ -99,7 +108,7 @@ class Seed:
             m = model()
             probs = {split: predict_proba(m, m.encode(getattr(self.dataset, split).inputs),
                                           self.cfg.train.eval_batch_size, self.device) for split in SPLITS}
-            np.savez(path, **probs)
+            save_arrays(path, probs)
         with np.load(path) as stored:
             return {split: stored[split] for split in SPLITS}
 
@@ -148,7 +157,7 @@ class Seed:
                 _, special = model.outputs(getattr(self.dataset, split).inputs, self.cfg.train.eval_batch_size)
                 arrays.update({f"{split}_{m}": probs for m, probs in enumerate(special)})
             write_json(run.root / "outputs.json", [info["classes"] for _, info in model.specialists])
-            np.savez(path, **arrays)
+            save_arrays(path, arrays)
         section = run.read_metrics()["specialists"]
         classes = read_json(run.root / "outputs.json")
         with np.load(path) as stored:

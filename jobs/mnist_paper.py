@@ -1,7 +1,8 @@
 """The MNIST experiments of Hinton, Vinyals & Dean (2015, section 3), ours beside the paper's.
 
     python -m jobs.mnist_paper --quick [--out DIR] [--data DIR] [--threads N]   # ~3.5 min on 2 CPU cores
-    python -m jobs.mnist_paper --full  [--out DIR] [--device cuda]              # the full schedule, for a GPU
+    python -m jobs.mnist_paper --full  [--out DIR] [--device cpu|cuda]          # the full schedule (GPU or CPU)
+    python -m jobs.mnist_paper --full --out DIR                                 # again: resumes where it stopped
 
 1. the big net (2x1200, dropout 50% / 20% on inputs, 2-pixel jitter): a
    `specialists run` with clustering and specialists off;
@@ -19,19 +20,28 @@ machine. Its error counts are several times the paper's (less data, shorter
 training); the test set is always all 10,000 images. `--full` uses all 54,000
 training images, 60 epochs each (early stopping after 10 without validation
 gain). Prints the table and writes OUT/results.json.
+
+Each model is one step (big net; small net + distilled net; no-3 student;
+7-and-8 student), and a finished step is kept: rerunning with the same
+`--out` resumes at the first unfinished one (a step cut short restarts from
+its beginning). Between steps the job prints the time spent and an estimate of
+the time left (from the seconds per epoch-example-parameter measured so far,
+an upper bound when early stopping ends a model sooner); within a step, the
+epoch bar of the training loop shows its own progress (`--full` turns it on).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 
 from specialists.config import load_config, load_distill_config
 from specialists.distill_run import run_distill
-from specialists.rundir import write_json
+from specialists.rundir import RunDir, write_json
 from specialists.stages import run_pipeline
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -55,23 +65,70 @@ def _schedule(prefix: str, epochs: int, s: dict) -> list[str]:
             f"{prefix}.patience={s['patience']}"]
 
 
-def run(schedule: str, out: Path, data: Path, device: str, threads: int, seed: int, log=print) -> dict:
+class _Clock:
+    """Time spent and an estimate of the time left: seconds per (epoch x example x parameter), measured."""
+
+    def __init__(self, steps: dict[str, float], log):
+        self.steps, self.log, self.started = steps, log, time.perf_counter()  # step -> its work (epochs x ex x params)
+        self.rate, self.done = None, set()
+
+    def finished(self, name: str, seconds: float | None) -> None:
+        self.done.add(name)
+        if seconds is not None and self.steps[name] > 0:
+            rate = seconds / self.steps[name]
+            self.rate = rate if self.rate is None else max(self.rate, rate)  # the slowest yet: an upper bound
+        left = sum(w for n, w in self.steps.items() if n not in self.done)
+        eta = "unknown (no step timed yet)" if self.rate is None else f"at most {left * self.rate / 60:.0f} min"
+        what = "resumed (finished before)" if seconds is None else f"done in {seconds / 60:.1f} min"
+        self.log(f"[{len(self.done)}/{len(self.steps)}] {name}: {what}; elapsed "
+                 f"{(time.perf_counter() - self.started) / 60:.1f} min; time left {eta}")
+
+
+def _finished(root: Path, section: str) -> bool:
+    metrics = root / "metrics.json"
+    return metrics.is_file() and section in json.loads(metrics.read_text())
+
+
+def run(schedule: str, out: Path, data: Path, device: str, threads: int, seed: int, log=print,
+        progress: bool = False) -> dict:
     s = SCHEDULES[schedule]
     common = [f"seed={seed}", f"device={device}", f"threads={threads}"]
+    n_train = (s["max_train"] or 60_000) * 0.9  # after the validation split
+    big_params, small_params = 784 * 1200 + 1200 * 1200 + 1200 * 10, 784 * 800 + 800 * 800 + 800 * 10
+    clock = _Clock({"big": s["teacher_epochs"] * n_train * big_params,
+                    "distilled": 2 * s["student_epochs"] * n_train * small_params,  # small net alone + distilled
+                    "no3": 0.9 * s["student_epochs"] * n_train * small_params,
+                    "only78": 0.2 * s["student_epochs"] * n_train * small_params}, log)
     big_cfg = load_config(None, [
         *common, "data.kind=mnist", f"data.path={data}", f"data.max_train={s['max_train']}",
         "model.name=mlp", "model.hidden=[1200, 1200]", "model.dropout=0.5", "model.input_dropout=0.2",
         "model.jitter=2", *_schedule("train", s["teacher_epochs"], s),
         "cluster.enabled=false", "specialists.enabled=false",
     ])
-    big = run_pipeline(big_cfg, out / "big", log=log, progress=False)
+    started = time.perf_counter()
+    if _finished(out / "big", "generalist") and (out / "big" / "generalist" / "model.json").is_file():
+        big = RunDir(out / "big")
+        clock.finished("big", None)
+    else:  # a run cut short resumes its own stages; a missing one starts
+        resume = (out / "big" / "config.yaml").is_file()
+        big = run_pipeline(None if resume else big_cfg, out / "big", resume=resume, log=log, progress=progress)
+        clock.finished("big", time.perf_counter() - started)
 
     def distil(name: str, *extra: str) -> dict:
+        if _finished(out / name, "student"):
+            clock.finished(name, None)
+            return RunDir(out / name).read_metrics()
+        if (out / name).exists():  # cut short: this step restarts
+            log(f"{name}: removing the unfinished {out / name} and starting the step again")
+            shutil.rmtree(out / name)
+        begun = time.perf_counter()
         cfg = load_distill_config(None, [
             *common, f"teacher.runs={json.dumps([str(big.root)])}", "teacher.source=generalist", SMALL,
             *_schedule("student.train", s["student_epochs"], s), "student.temperature=20", *extra,
         ])
-        return run_distill(cfg, out / name, log=log, progress=False).read_metrics()
+        metrics = run_distill(cfg, out / name, log=log, progress=progress).read_metrics()
+        clock.finished(name, time.perf_counter() - begun)
+        return metrics
 
     full = distil("distilled", "student.baseline=true")
     no3 = distil("no3", "transfer.omit_classes=[3]")
@@ -120,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="a short schedule on 10,000 training images (CPU)")
-    mode.add_argument("--full", action="store_true", help="the full schedule on all training images (GPU)")
+    mode.add_argument("--full", action="store_true", help="the full schedule on all training images (GPU or CPU; "
+                      "resumable: run again with the same --out)")
     parser.add_argument("--out", type=Path, help="directory of the runs (default runs/mnist-paper-<time>)")
     parser.add_argument("--data", type=Path, default=MNIST, help=f"MNIST IDX folder (default {MNIST})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -132,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("runs") / f"mnist-paper-{schedule}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
     threads = args.threads if args.threads is not None else (1 if args.quick else 0)
-    ours = run(schedule, out, args.data, args.device, threads, args.seed)
+    ours = run(schedule, out, args.data, args.device, threads, args.seed, log=lambda m: print(m, flush=True),
+               progress=args.full)
     seconds = time.perf_counter() - started
     write_json(out / "results.json", {"schedule": schedule, "settings": {**SCHEDULES[schedule], "threads": threads},
                                       "seconds": round(seconds, 1), "paper": PAPER, "ours": ours})

@@ -458,7 +458,7 @@ class TimmModel(nn.Module):
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
         net = _timm_net(arch, n_classes, self.input_shape)
-        self.head_name = head or _name_of(net, net.get_classifier())
+        self.head_name = head or _name_of(net, net.get_classifier(), f"model.arch={arch!r}")
         self.net = with_head(net, self.head_name, n_classes, f"model.arch={arch!r}")
 
     @property
@@ -488,11 +488,11 @@ def _timm_net(arch: str, n_classes: int, input_shape: tuple[int, ...]) -> nn.Mod
         raise ConfigError(f"model.arch={arch!r}: timm cannot build it: {err}") from None
 
 
-def _name_of(net: nn.Module, layer: nn.Module) -> str:
+def _name_of(net: nn.Module, layer: nn.Module, where: str) -> str:
     name = next((n for n, m in net.named_modules() if m is layer), None)
     if not name or not isinstance(layer, nn.Linear):
-        raise ConfigError(f"its get_classifier() is a {type(layer).__name__}, not a Linear layer of the network; "
-                          "specialists replace the rows of a Linear head")
+        raise ConfigError(f"{where}: its get_classifier() is a {type(layer).__name__}, not a Linear layer of the "
+                          "network; specialists replace the rows of a Linear head")
     return name
 
 

@@ -96,8 +96,12 @@ def open_rows(source: Any, key: str | None = None, what: str = "rows of numbers"
     _check_dtype(array.dtype, "array", what)
     if array.ndim < 1:
         raise ArrayFileError(f"array: expected {what}, got a scalar")
-    return Rows("array", array.shape, array.dtype,
-                _open=lambda rows: (array[s:s + rows] for s in range(0, len(array), rows)))
+    return Rows("array", array.shape, array.dtype, _open=_slicer(array))
+
+
+def _slicer(array) -> Callable[[int], Iterator[np.ndarray]]:
+    """Batches of rows, each a copy, of an array in memory or memory-mapped."""
+    return lambda rows: (np.array(array[s:s + rows]) for s in range(0, len(array), rows))
 
 
 def _check_dtype(dtype: np.dtype, name: str, what: str) -> None:
@@ -141,10 +145,8 @@ def _npy_rows(path: Path, what: str) -> Rows:
         raise ArrayFileError(f"{path}: holds a scalar; expected {what}")
     shape, dtype = mapped.shape, mapped.dtype
     if mapped.ndim > 1 and not mapped.flags.c_contiguous:  # Fortran order: rows are strided, slice the map
-        return Rows(str(path), shape, dtype,
-                    _open=lambda rows: (np.array(mapped[s:s + rows]) for s in range(0, shape[0], rows)))
+        return Rows(str(path), shape, dtype, _open=_slicer(mapped))
     offset = mapped.offset
-    del mapped
 
     def opener():
         handle = open(path, "rb")
@@ -191,7 +193,7 @@ def _npz_rows(path: Path, key: str | None, what: str, default_key: str | None) -
     if fortran and len(shape) > 1:  # rows are strided through the whole member: read it whole
         with np.load(path, allow_pickle=False) as archive:
             array = np.ascontiguousarray(archive[member])
-        return Rows(name, shape, dtype, _open=lambda rows: (array[s:s + rows] for s in range(0, shape[0], rows)))
+        return Rows(name, shape, dtype, _open=_slicer(array))
 
     def positioned():
         stream = opener()

@@ -16,6 +16,12 @@ NORMALIZATIONS = ("covariance", "correlation", "l2")  # cluster.ConfusionCluster
 ENSEMBLE_MEANS = ("arithmetic", "geometric")  # distill.ensemble_probs and combine.solve (mean=...)
 DUSTBIN_CORRECTIONS = ("prior", "paper", "none")  # how a specialist trains and stores b (specialist.py)
 DUSTBIN_MODES = ("active", "natural", "none")  # which stored correction a combiner applies (ensemble.py)
-TEACHER_SOURCES = ("combined", "generalist")  # what a teacher run gives a distilled student (distill_run.py)
+# what a teacher run gives a distilled student (distill_run.py): generalist + specialists, the generalist alone,
+# the peer ensemble (generalist + peers/<k>/, section 4), or the hybrid (all full models + specialists)
+TEACHER_SOURCES = ("combined", "generalist", "peers", "hybrid")
+# distill_run: auto = the generalist when the architectures match; both = each, the better on validation kept
+STUDENT_INITS = ("auto", "scratch", "generalist", "both")
+TEXT_AUGMENTATIONS = ("token_dropout", "span_mask", "swap")  # transfer.py: copies of training texts
+ARRAY_AUGMENTATIONS = ("noise", "jitter", "mixup")  # transfer.py: copies of training vectors / images
 CLUSTER_SIGNALS = ("probs", "tempered", "train_tempered", "out_of_fold", "head", "confusion")  # signals.confusability
 LABELLED_SIGNALS = ("out_of_fold", "confusion")  # the signals that read labels: never an unlabeled cluster.split file

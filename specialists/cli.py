@@ -10,6 +10,7 @@ import argparse
 import errno
 import sys
 
+from .choices import TEACHER_SOURCES
 from .config import load_config
 
 
@@ -71,6 +72,8 @@ def _distill(args: argparse.Namespace) -> None:
 
     # --teacher RUN_DIR (repeatable) is teacher.runs; later key=value overrides still win
     teachers = [f"teacher.runs={json.dumps(args.teacher)}"] if args.teacher else []
+    if args.teacher_members:  # --teacher-members X is teacher.source=X
+        teachers.append(f"teacher.source={args.teacher_members}")
     cfg = load_distill_config(args.config, [*teachers, *args.overrides])
     out = run_distill(cfg, args.out, progress=not args.quiet)
     print(f"\ndistil directory: {out.root}\n{summary(RunDir(out.root))}")
@@ -129,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", action="append", metavar="RUN_DIR",
                          help="a run whose combined generalist+specialists distribution teaches (repeat for an "
                               "ensemble); the student gets the generalist's size")
+    distill.add_argument("--teacher-members", choices=TEACHER_SOURCES, metavar="MEMBERS",
+                         help="which of the run's models teach (teacher.source): combined (generalist + specialists, "
+                              "the default), generalist, peers (the generalist and its peers/<k>/: section 4) or "
+                              "hybrid (all full models + specialists)")
     distill.add_argument("--quiet", action="store_true", help="no progress bars")
     distill.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. student.temperature=20")
     distill.set_defaults(handler=_distill)

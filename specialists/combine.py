@@ -780,7 +780,7 @@ def _solve_chunk(chunk: _Chunk, *, layout: _Layout, pair_in: Tensor, n_classes: 
     return q_active / norm[:, None, None], scale, shift, misplaced
 
 
-def _solve_spd(m: Tensor, rhs: Tensor) -> Tensor:
+def solve_spd(m: Tensor, rhs: Tensor) -> Tensor:
     """Solve m x = rhs for (n, K, K) symmetric positive semi-definite m, (n, K, R) rhs.
 
     LU first; where m is singular in float64 (a few huge terms of rank one can
@@ -886,7 +886,7 @@ def _newton(b, member, b_out, total, a, tol, max_iter):
              + torch.diag_embed(torch.where(free_live, a_live / r_live.where(free_live, 1.0) ** 2, 0.0)))
         m = torch.where(free_live[:, :, None] & free_live[:, None, :], m, eye)
         s = m.diagonal(dim1=1, dim2=2).rsqrt()
-        x = s[:, :, None] * _solve_spd(m * s[:, :, None] * s[:, None, :], torch.stack([s * grad, s * ones], dim=2))
+        x = s[:, :, None] * solve_spd(m * s[:, :, None] * s[:, None, :], torch.stack([s * grad, s * ones], dim=2))
         x_grad, x_ones = x[..., 0], x[..., 1]  # M^-1 grad, M^-1 1
         along = (ones * x_grad).sum(1)
         shrink = 1 / (1 + v_out * (ones * x_ones).sum(1))  # 1^T H^-1 grad = shrink * 1^T M^-1 grad

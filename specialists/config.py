@@ -31,7 +31,10 @@ from .choices import (  # the one list of each choice; choices.py imports nothin
     NORMALIZATIONS,
     OPTIMIZERS,
     SCHEDULES,
+    ARRAY_AUGMENTATIONS,
+    STUDENT_INITS,
     TEACHER_SOURCES,
+    TEXT_AUGMENTATIONS,
     USER_MODELS,
 )
 from .rundir import RunDir
@@ -104,12 +107,20 @@ class DataConfig:
     val_fraction: float = 0.1  # carved from train, stratified, seeded
     max_train: int = 0  # 0: all; else a seeded stratified subsample of train
     name: str = ""  # what the report's title and metrics.json call the data; "": the source's (a CSV's file name)
+    # >= 2: leave fold holdout_fold of holdout_folds (data.fold_of_rows, seeded) out of the training split;
+    # `specialists distill` sets these on the runs that give out-of-fold teacher targets
+    holdout_folds: int = 0
+    holdout_fold: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, prefix: str = "data") -> None:
         _require(self.kind in DATA_KINDS, f"{prefix}.kind", self.kind, f"must be one of {DATA_KINDS}")
         _require(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
         _require(self.max_train >= 0, f"{prefix}.max_train", self.max_train, "must be >= 0 (0 = all)")
+        _require(self.holdout_folds == 0 or 2 <= self.holdout_folds <= 20, f"{prefix}.holdout_folds",
+                 self.holdout_folds, "must be 0 (off) or in [2, 20]")
+        _require(0 <= self.holdout_fold < max(self.holdout_folds, 1), f"{prefix}.holdout_fold", self.holdout_fold,
+                 f"must be in [0, holdout_folds={self.holdout_folds})")
         if self.kind == "csv_text":
             _require(bool(self.train), f"{prefix}.train", self.train, "a CSV path is required")
             _require(bool(self.test), f"{prefix}.test", self.test, "a CSV path is required")
@@ -228,8 +239,10 @@ class ClusterConfig:
     niter: int = 25
     nredo: int = 5
     batch_size: int = 4096
-    signal: str = "probs"  # one of CLUSTER_SIGNALS
-    temperature: float = 1.0  # T of softmax(z / T) for the tempered, train_tempered, out_of_fold and confusion signals
+    # one of CLUSTER_SIGNALS (signals.py). probs by measurement: tempered T=2 holds more of the held-out errors
+    # inside clusters but did not lower the ensemble's validation errors on Banking77 (README, cluster signals)
+    signal: str = "probs"
+    temperature: float = 2.0  # T of softmax(z / T) for the tempered, train_tempered, out_of_fold and confusion signals
     folds: int = 5  # out_of_fold: generalists trained, each predicting the fold it did not see
 
     def validate(self, prefix: str = "cluster") -> None:
@@ -287,8 +300,9 @@ class SpecialistsConfig:
     widen: float = 1.0  # hidden widths x this; the extra units start with zero outgoing weights
     # Extra training compute of all specialists together, as a fraction of the generalist's examples_seen
     # (forward + backward passes), shared in proportion to their epoch sizes; early stopping still applies.
-    # 0: no budget (specialists.epochs and early stopping decide).
-    budget: float = 1.0
+    # 0: no budget (specialists.epochs and early stopping decide). 0.5: chosen on Banking77 validation errors
+    # (README, Performance: the accuracy-compute frontier).
+    budget: float = 0.5
     schedule: str = ""  # "": train.schedule; linear: the learning rate decays to 0 over each one's budget share
 
     def validate(self, prefix: str = "specialists") -> None:
@@ -590,6 +604,15 @@ class StudentConfig:
     temperature: float = 4.0  # T of the soft targets; the soft term is T^2-scaled
     soft_weight: float = 0.9  # weight of the soft (teacher) term; the hard labels get 1 - soft_weight
     baseline: bool = False  # also train the same student on the transfer set's hard labels alone
+    # Chosen on validation accuracy: one student per (T, soft weight) pair, the best kept; empty: the one above
+    temperatures: list[float] = field(default_factory=list)
+    soft_weights: list[float] = field(default_factory=list)
+    # auto: start from the teacher run's generalist when the student has its architecture; scratch; generalist;
+    # both: the grid from each starting point, the best on validation kept
+    init: str = "auto"
+    # > 0: per-cluster targets, each specialist's distribution over its own classes (dustbin left out) on the
+    # transfer examples whose label (teacher's top class when unlabeled) it covers, as a T^2-scaled term of this weight
+    cluster_weight: float = 0.0
 
     def validate(self, prefix: str = "student") -> None:
         if self.model is not None:
@@ -600,6 +623,13 @@ class StudentConfig:
                  "must be a finite number > 0")
         _require(0 <= self.soft_weight <= 1, f"{prefix}.soft_weight", self.soft_weight,
                  "must be in [0, 1] (1: soft targets only, 0: hard labels only)")
+        _require(all(math.isfinite(t) and t > 0 for t in self.temperatures), f"{prefix}.temperatures",
+                 self.temperatures, "every temperature must be a finite number > 0")
+        _require(all(0 <= w <= 1 for w in self.soft_weights), f"{prefix}.soft_weights", self.soft_weights,
+                 "every soft weight must be in [0, 1]")
+        _require(self.init in STUDENT_INITS, f"{prefix}.init", self.init, f"must be one of {STUDENT_INITS}")
+        _require(math.isfinite(self.cluster_weight) and self.cluster_weight >= 0, f"{prefix}.cluster_weight",
+                 self.cluster_weight, "must be a finite number >= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -611,6 +641,14 @@ class TransferConfig:
     omit_classes: list[int | str] = field(default_factory=list)  # leave these classes out
     keep_classes: list[int | str] = field(default_factory=list)  # keep only these classes
     labels: bool = True  # use the hard labels (weighted 1 - student.soft_weight); false: soft targets only
+    # Augmented copies of the training inputs added to the transfer set (seeded), each keeping its source's label:
+    # texts token_dropout | span_mask | swap, vectors and images noise | jitter | mixup; each copy draws one of these
+    augment: list[str] = field(default_factory=list)
+    copies: int = 1  # augmented copies per training example (with augment)
+    strength: float = 0.15  # token share dropped / masked / swapped; noise sd and jitter in feature sds; mixup's alpha
+    # >= 2: out-of-fold teacher targets on the training examples: K runs of the teacher, each trained without one fold
+    # (generalist and specialists), label the fold they did not see; 0: the teacher run labels its own training set
+    folds: int = 0
 
     def validate(self, prefix: str = "transfer") -> None:
         _require(bool(self.split.strip()), f"{prefix}.split", self.split, "must be train or a file path")
@@ -620,6 +658,15 @@ class TransferConfig:
         for key in ("omit_classes", "keep_classes"):
             names = [str(c) for c in getattr(self, key)]
             _require(len(set(names)) == len(names), f"{prefix}.{key}", getattr(self, key), "lists a class twice")
+        known = TEXT_AUGMENTATIONS + ARRAY_AUGMENTATIONS
+        _require(all(a in known for a in self.augment), f"{prefix}.augment", self.augment,
+                 f"each must be one of {TEXT_AUGMENTATIONS} (texts) or {ARRAY_AUGMENTATIONS} (vectors, images)")
+        _require(1 <= self.copies <= 100, f"{prefix}.copies", self.copies, "must be in [1, 100]")
+        _require(math.isfinite(self.strength) and 0 < self.strength <= 1, f"{prefix}.strength", self.strength,
+                 "must be in (0, 1]")
+        _require(self.folds == 0 or 2 <= self.folds <= 20, f"{prefix}.folds", self.folds, "must be 0 (off) or in [2, 20]")
+        _require(not (self.augment or self.folds) or self.split == "train", f"{prefix}.split", self.split,
+                 "augment and folds work on the training set: use transfer.split=train with them")
 
 
 @dataclass(frozen=True)

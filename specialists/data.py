@@ -427,6 +427,23 @@ def _subsample(split: Split, n: int, seed: int) -> Split:
     return split.take(np.sort(index))
 
 
+def fold_of_rows(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) fold index in [0, folds) per row, stratified by label and seeded.
+
+    Each class's rows are shuffled and dealt round-robin, starting at a random
+    fold, so every fold holds about 1/folds of every class.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if folds < 2:
+        raise ValueError(f"folds={folds} must be >= 2")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return fold
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Read and validate the configured source, then carve the validation split."""
     planted = None
@@ -450,6 +467,8 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
                         "needs at least 2")
     train = _subsample(train, cfg.max_train, seed)
     fit, val = split_validation(train, cfg.val_fraction, seed)
+    if cfg.holdout_folds:  # a run that must not see one fold of the training split (distillation's out-of-fold targets)
+        fit = fit.take(np.flatnonzero(fold_of_rows(fit.labels, cfg.holdout_folds, seed) != cfg.holdout_fold))
     missing = np.flatnonzero(np.bincount(fit.labels, minlength=len(classes)) == 0)
     if len(missing):
         raise DataError(f"class {classes[missing[0]]!r} has no training examples left after the split")

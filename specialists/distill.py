@@ -586,20 +586,24 @@ def shift_bias(model: nn.Module, classes: Sequence[int], shift: float) -> None:
 # --------------------------------------------------------------------------- #
 
 
+MIN_GAIN_EXAMPLES = 5  # a teacher's gain over fewer test examples than this has no share to keep
+
+
 def kept_gain(distilled: float, baseline: float, teacher: float, n_test: int, gain_stderr: float = 0.0) -> dict:
     """How much of the teacher's test-accuracy gain over `baseline` the distilled model keeps.
 
     (distilled - baseline) / (teacher - baseline), accuracies in [0, 1] on the
     same n_test examples. Undefined (None, with a reason) when the gain is ~0:
-    under one test example, or under two standard errors `gain_stderr` (see
-    `gain_standard_error`), where the ratio would be the share of noise.
+    under MIN_GAIN_EXAMPLES test examples, or under two standard errors
+    `gain_stderr` (see `gain_standard_error`), where the ratio would be the share of noise.
     """
     gain = teacher - baseline
     out = {"gain": gain, "gain_stderr": gain_stderr}
-    if gain * n_test < 1 or gain < 2 * gain_stderr:  # the share of no gain, a loss or noise means nothing
+    if gain * n_test < MIN_GAIN_EXAMPLES - 1e-9 or gain < 2 * gain_stderr:  # no gain, a loss or noise: no share
         return {"kept_gain": None, **out,
                 "reason": f"undefined: the teacher's gain over the baseline, {gain * n_test:+.1f} of {n_test} test "
-                          f"examples, is ~0 (under 1 example or under 2 standard errors, {2 * gain_stderr * n_test:.1f})"}
+                          f"examples, is ~0 (under {MIN_GAIN_EXAMPLES} examples or under 2 standard errors, "
+                          f"{2 * gain_stderr * n_test:.1f})"}
     return {"kept_gain": (distilled - baseline) / gain, **out}
 
 

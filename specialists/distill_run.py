@@ -21,10 +21,25 @@ the one training loop.
   the single large net"), else over `student.baseline`, the same student
   trained on the hard labels alone.
 
+A teacher run gives (`teacher.source`) its generalist + specialists
+(`combined`), its generalist alone, its peer ensemble (`peers`: the generalist
+and `peers/<k>/`, section 4) or the hybrid (all its full models + its
+specialists). With `transfer.folds=K` the training examples are labelled out of
+fold: K copies of the teacher run, each trained without one fold of the
+training split (`data.holdout_folds`), label that fold (and its augmented
+copies); the teacher's test accuracy stays the full run's.
+
+The student starts from the run's generalist when it has its architecture
+(`student.init`), stops early on validation accuracy, and its temperature and
+soft weight are chosen on validation (`student.temperatures`,
+`student.soft_weights`); `student.cluster_weight` adds each specialist's
+distribution inside its cluster as a loss term.
+
 The settings are `config.DistillConfig`; the maths (bias shift, kept gain,
-ensembles of teachers) is in `distill.py`. Outputs land in one directory:
-`config.yaml`, `classes.json`, `teacher/` (when trained here), `student/`
-(and `baseline/`), `metrics.json`.
+ensembles of teachers) is in `distill.py`. Outputs land in one directory, which
+`specialists.load(DIR)` serves as a single model: `config.yaml`,
+`classes.json`, `teacher/` (when trained here), `student/` (and `baseline/`),
+`folds/<k>/` (out-of-fold teacher runs), `metrics.json`, `report/`.
 """
 
 from __future__ import annotations
@@ -38,8 +53,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, DataConfig, DistillConfig, TrainConfig, dump_config, load_config, resolve_student
-from .data import Dataset, load_dataset, take_inputs
+from .config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+    resolve_student,
+    to_dict,
+)
+from .data import Dataset, fold_of_rows, load_dataset, take_inputs
 from .distill import (
     TeacherCache,
     choose_bias_shift,
@@ -52,17 +76,25 @@ from .distill import (
 from .generalist import build_model, fit_generalist
 from .models import load_checkpoint, model_kwargs, save_checkpoint
 from .rundir import RunDir, write_json, write_text
+from .specialist import SPECIALIST_FILE
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .train import TrainResult, predict_logits, seed_everything, train_model
 from .transfer import TransferSet, make_transfer_set
 
 __all__ = [
+    "KEPT_GAIN_DEFINITION",
     "DistillError",
     "Teacher",
+    "is_student_dir",
+    "ClusterTargets",
     "check_same_classes",
+    "check_source",
+    "cluster_targets",
     "combined_teacher",
+    "finished_peers",
     "module_teacher",
     "run_distill",
+    "run_teacher",
     "summary",
     "teacher_scores",
     "train_student",
@@ -71,6 +103,21 @@ __all__ = [
 
 class DistillError(ValueError):
     """Teachers, transfer set and student do not fit together (class sets, output sizes)."""
+
+
+KEPT_GAIN_DEFINITION = ("(student - baseline) / (teacher - baseline), test accuracy; the baseline is the teacher "
+                        "run's generalist (the student.baseline net when a teacher is trained here or "
+                        "teacher.source=generalist); null, with a reason, when the teacher's gain is under "
+                        "5 test examples or 2 standard errors")
+
+# teacher.source -> the section of the teacher run's metrics.json that records its distilled student
+RUN_SECTIONS = {"combined": "distilled", "peers": "distilled_peers", "hybrid": "distilled_hybrid"}
+
+
+def is_student_dir(root: str | Path) -> bool:
+    """A `specialists distill` output (student/ without a generalist/): `specialists.load` serves it."""
+    root = Path(root)
+    return (root / "student" / "model.json").is_file() and not (root / "generalist" / "model.json").is_file()
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +131,7 @@ class Teacher:
     name: str
     classes: list[str]
     scores: Callable[[object], torch.Tensor]
+    model: object = None  # the loaded run model (ensemble.SpecialistsModel) behind a run's teacher
 
 
 def module_teacher(model: nn.Module, classes: list[str], name: str, device, batch_size: int = 1024) -> Teacher:
@@ -98,18 +146,18 @@ def module_teacher(model: nn.Module, classes: list[str], name: str, device, batc
     return Teacher(name, classes, scores)
 
 
-def combined_teacher(run_dir: str | Path, device, batch_size: int = 1024) -> Teacher:
-    """A run's combined distribution (`specialists.load(run).predict_proba`) as a teacher."""
+def combined_teacher(run_dir: str | Path, device, batch_size: int = 1024, **options) -> Teacher:
+    """A run's combined distribution (`specialists.load(run, **options).predict_proba`) as a teacher."""
     from .ensemble import load
 
-    model = load(run_dir, device)
+    model = load(run_dir, device, **options)
 
     def scores(inputs) -> torch.Tensor:
         probs = torch.from_numpy(np.asarray(model.predict_proba(inputs, batch_size), dtype=np.float32))
         # (B, C) log q; a zero probability becomes a very negative finite score
         return torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))
 
-    return Teacher(str(run_dir), list(model.classes), scores)
+    return Teacher(str(run_dir), list(model.classes), scores, model)
 
 
 def check_same_classes(teachers: Sequence[Teacher], classes: list[str]) -> None:
@@ -138,6 +186,37 @@ def _check_same_data(first: RunDir, first_cfg, other: RunDir, other_cfg) -> None
                            f"{first.root} has seed={first_cfg.seed} but {other.root} seed={other_cfg.seed}")
 
 
+def finished_peers(run: RunDir) -> int:
+    """How many peer members 1, 2, ... of the run are finished (`peers/<k>/member.json`), counted in order."""
+    k = 0
+    while (run.peers / str(k + 1) / "member.json").is_file():
+        k += 1
+    return k
+
+
+def run_teacher(run: RunDir, source: str, device, batch_size: int = 1024) -> Teacher:
+    """What teacher run `run` gives as `source` (see TEACHER_SOURCES); refuses what the run lacks."""
+    if source == "generalist":
+        return module_teacher(load_checkpoint(run.generalist, device), run.read_classes(), str(run.root), device,
+                              batch_size)
+    check_source(run, source)
+    options = {"generalists": 1 + finished_peers(run) if source in ("peers", "hybrid") else 1,
+               "use_specialists": source != "peers"}
+    return combined_teacher(run.root, device, batch_size, **options)
+
+
+def check_source(run: RunDir, source: str) -> None:
+    """Refuse a teacher.source the run cannot give: a generalist-only run has no combination to distil."""
+    if source in ("peers", "hybrid") and finished_peers(run) == 0:
+        raise DistillError(f"teacher.source={source}: {run.root} has no finished peer members in peers/ (the "
+                           "equal-compute peer ensemble, peer.enabled=true); use teacher.source=combined or generalist")
+    if source in ("combined", "hybrid") and not (run.specialists.is_dir() and any(
+            (f / SPECIALIST_FILE).is_file() for f in run.specialists.iterdir())):
+        raise DistillError(f"teacher.source={source}: {run.root} has no finished specialists, so it is a "
+                           "generalist-only run and its combined distribution is its generalist's; distil it with "
+                           "teacher.source=generalist (against student.baseline) or train its specialists first")
+
+
 def teacher_scores(teacher: Teacher, inputs, batch_size: int = 1024) -> torch.Tensor:
     """(N, C) scores of `inputs`, one teacher pass over them (cached: callers index the result)."""
     cache = TeacherCache(lambda index: teacher.scores(take_inputs(inputs, index.numpy())), output="logits",
@@ -151,12 +230,15 @@ def teacher_scores(teacher: Teacher, inputs, batch_size: int = 1024) -> torch.Te
 
 def train_student(student: nn.Module, transfer: TransferSet, soft: torch.Tensor, val_inputs, val_labels: np.ndarray,
                   cfg: TrainConfig, *, temperature: float, soft_weight: float, seed: int, device="cpu",
-                  desc: str = "student", progress: bool = True) -> TrainResult:
-    """Train `student` in place on `transfer` against cached soft targets.
+                  desc: str = "student", progress: bool = True, cluster: "ClusterTargets | None" = None,
+                  cluster_weight: float = 0.0) -> TrainResult:
+    """Train `student` in place on `transfer` against cached soft targets; it ends at its best validation epoch.
 
     soft: (N, C) teacher probabilities at `temperature`, row i for transfer example i.
     The loss is `soft_weight * T^2 CE(soft, student at T) + (1 - soft_weight) CE(labels,
-    student)` on a labelled transfer set, the soft term alone on an unlabeled one.
+    student)` on a labelled transfer set, the soft term alone on an unlabeled one;
+    with `cluster` and cluster_weight > 0, plus cluster_weight * T^2 CE(specialist's
+    distribution over its classes, student's over the same classes, at T).
     """
     n_out = student.head.out_features
     if soft.ndim != 2 or soft.shape[0] != len(transfer):
@@ -166,16 +248,76 @@ def train_student(student: nn.Module, transfer: TransferSet, soft: torch.Tensor,
                            f"build the student with n_classes={soft.shape[1]}")
     labelled = transfer.labelled
     soft = soft.float()
+    use_cluster = cluster is not None and cluster_weight > 0
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> dict:
-        targets = soft[torch.from_numpy(np.asarray(index))].to(logits.device)  # (B, C) cached, no teacher pass
+        rows = torch.from_numpy(np.asarray(index))
+        targets = soft[rows].to(logits.device)  # (B, C) cached, no teacher pass
         parts = distillation_loss(logits, labels if labelled else None, targets, temperature, soft_weight)
-        return {"loss": parts.loss, "hard_loss": parts.hard_loss.detach(), "soft_loss": parts.soft_loss.detach()}
+        out = {"loss": parts.loss, "hard_loss": parts.hard_loss.detach(), "soft_loss": parts.soft_loss.detach()}
+        if use_cluster:
+            term = cluster.loss(logits, rows, temperature)
+            out["loss"] = out["loss"] + cluster_weight * term
+            out["cluster_loss"] = term.detach()
+        return out
 
     # train_model indexes a label per row; an unlabeled set's placeholders never reach the loss
     labels = np.where(transfer.labels >= 0, transfer.labels, 0)
     return train_model(student, student.encode(transfer.inputs), labels, student.encode(val_inputs), val_labels, cfg,
                        seed=seed, device=device, loss_fn=loss_fn, desc=desc, progress=progress)
+
+
+@dataclass
+class ClusterTargets:
+    """Per-cluster targets: for each transfer row, one specialist's log-probabilities over its own classes.
+
+    classes: (N, K) long class ids (K the largest cluster; padding 0); logp: (N, K)
+    the specialist's log-probabilities renormalised over its classes (the dustbin
+    left out); mask: (N, K) bool, False on padding and on rows no specialist covers.
+    """
+
+    classes: torch.Tensor
+    logp: torch.Tensor
+    mask: torch.Tensor
+
+    def loss(self, logits: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        """T^2 CE(specialist at T, student restricted to the same classes at T), mean over covered rows."""
+        mask = self.mask[rows].to(logits.device)  # (B, K)
+        covered = mask.any(1)
+        if not covered.any():
+            return logits.sum() * 0.0
+        classes, logp = self.classes[rows].to(logits.device), self.logp[rows].to(logits.device)
+        z = (logits.gather(1, classes) / temperature).masked_fill(~mask, -1e9)
+        target = torch.softmax((logp / temperature).masked_fill(~mask, -1e9), dim=1)
+        ce = -(target * torch.log_softmax(z, dim=1)).masked_fill(~mask, 0.0).sum(1)
+        return ce[covered].mean() * temperature ** 2
+
+
+def cluster_targets(model, inputs, rows_class: np.ndarray, batch_size: int = 1024) -> ClusterTargets:
+    """ClusterTargets from a loaded run (`ensemble.SpecialistsModel`) on `inputs`.
+
+    rows_class: (N,) the class that picks each row's specialist (its label, or the
+    teacher's top class): the first specialist whose classes contain it.
+    """
+    _, special = model.outputs(inputs, batch_size)  # per specialist (N, k_m + 1), dustbin last
+    classes = [np.asarray(info["classes"]) for _, info in model.specialists]
+    width = max((len(c) for c in classes), default=1)
+    n = len(rows_class)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    logp = torch.zeros(n, width)
+    mask = torch.zeros(n, width, dtype=torch.bool)
+    owner = np.full(n, -1)
+    for m, cls in enumerate(classes):
+        rows = np.flatnonzero((owner < 0) & np.isin(rows_class, cls))
+        owner[rows] = m
+        if not len(rows):
+            continue
+        p = torch.from_numpy(special[m][rows, :-1]).double().clamp_min(1e-12)  # (R, k) dustbin left out
+        p = p / p.sum(1, keepdim=True)
+        ids[rows, :len(cls)] = torch.from_numpy(cls).long()
+        logp[rows, :len(cls)] = torch.log(p).float()
+        mask[rows, :len(cls)] = True
+    return ClusterTargets(ids, logp, mask)
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +343,7 @@ def _split_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str], a
 
 def _model_metrics(model: nn.Module, dataset: Dataset, transfer: TransferSet, result: TrainResult,
                    batch: int, device, absent: np.ndarray) -> tuple[dict, np.ndarray]:
-    """The model's metrics, and (N_test,) 1/0: which test examples it gets right."""
+    """The model's metrics, and (N_test,) its predicted class of each test example."""
     test_logits = predict_logits(model, model.encode(dataset.test.inputs), batch, device)
     test = _split_metrics(test_logits, dataset.test.labels, dataset.classes, absent)
     metrics = {"test_accuracy": test["accuracy"], "test_errors": test["errors"]}
@@ -209,11 +351,12 @@ def _model_metrics(model: nn.Module, dataset: Dataset, transfer: TransferSet, re
     metrics.update(val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch, epochs_run=result.epochs_run,
                    train_accuracy=float((predict_logits(model, model.encode(dataset.train.inputs), batch, device)
                                          .argmax(1) == dataset.train.labels).mean()),
-                   parameters=sum(p.numel() for p in model.parameters()))
+                   parameters=sum(p.numel() for p in model.parameters()),
+                   examples_seen=result.examples_seen, train_seconds=round(result.seconds, 3))
     if (transfer.truth >= 0).all():
         metrics["transfer_accuracy"] = float((predict_logits(model, model.encode(transfer.inputs), batch, device)
                                               .argmax(1) == transfer.truth).mean())
-    return metrics, _correct(test_logits, dataset.test.labels)
+    return metrics, test_logits.argmax(1)
 
 
 # ---------------------------------------------------------------------------
@@ -231,11 +374,15 @@ class _Job:
     absent: np.ndarray  # (k,) class ids missing from the transfer set
     device: torch.device
     batch: int  # evaluation batch size
+    init: str  # scratch | generalist | both: where the student starts
+    run_seed: int = 0  # the first teacher run's seed (its folds are drawn with it)
     out: RunDir | None = None
+    generalist_predicted: np.ndarray | None = None  # (N_test,) the teacher run's generalist's classes
 
 
 def _prepare(cfg: DistillConfig) -> _Job:
     runs = [RunDir(r) for r in cfg.teacher.runs]
+    run_cfg = None
     if runs:
         first = runs[0].read_classes()
         for other in runs[1:]:
@@ -247,18 +394,37 @@ def _prepare(cfg: DistillConfig) -> _Job:
             _check_same_data(runs[0], run_cfg, other, load_config(other.config))
         for run in runs:
             run.require(run.generalist / "model.json", what="generalist")
+            check_source(run, cfg.teacher.source)
         data_cfg = run_cfg.data
     else:
+        if cfg.teacher.source != "combined":
+            raise ConfigError(f"teacher.source={cfg.teacher.source} reads teacher runs; without teacher.runs the "
+                              "teacher is trained here")
         data_cfg = cfg.data or DataConfig()
         dataset = load_dataset(data_cfg, cfg.seed)
         model_kwargs(cfg.teacher.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
     model_kwargs(cfg.student.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
+    if cfg.transfer.folds and len(runs) != 1:
+        raise ConfigError(f"transfer.folds={cfg.transfer.folds} retrains one teacher run without each fold; "
+                          f"teacher.runs lists {len(runs)}")
+    if cfg.student.cluster_weight and (len(runs) != 1 or cfg.teacher.source not in ("combined", "hybrid")):
+        raise ConfigError(f"student.cluster_weight={cfg.student.cluster_weight} reads the specialists of one teacher "
+                          f"run: needs one of teacher.runs and teacher.source=combined or hybrid")
+    init = cfg.student.init
+    same = run_cfg is not None and cfg.student.model == run_cfg.model
+    if init == "auto":
+        init = "generalist" if same else "scratch"
+    elif init in ("generalist", "both") and not same:
+        raise ConfigError(f"student.init={init}: " + ("the student starts from a teacher run's generalist, and "
+                          "teacher.runs is empty" if run_cfg is None else "the student's architecture "
+                          f"(student.model) differs from the run's generalist ({run_cfg.model})"))
     transfer = make_transfer_set(cfg.transfer, dataset, cfg.seed, data_cfg.text_column)
     if cfg.student.baseline and not transfer.labelled:
         raise ConfigError("student.baseline=true trains on hard labels, but the transfer set has none "
                           f"(transfer.split={cfg.transfer.split!r}, transfer.labels={cfg.transfer.labels})")
     absent = np.setdiff1d(np.arange(dataset.n_classes), transfer.present)
-    return _Job(cfg, runs, dataset, transfer, absent, setup_torch(cfg), cfg.student.train.eval_batch_size)
+    return _Job(cfg, runs, dataset, transfer, absent, setup_torch(cfg), cfg.student.train.eval_batch_size, init,
+                run_cfg.seed if run_cfg is not None else cfg.seed)
 
 
 def _timed(job: _Job, stage: str, fn: Callable[[], tuple[dict | None, object]], section: str) -> tuple:
@@ -274,7 +440,7 @@ def _timed(job: _Job, stage: str, fn: Callable[[], tuple[dict | None, object]], 
 
 
 def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[list[Teacher], list[np.ndarray]]]:
-    """The teachers, and (combined source) which test examples each run's generalist gets right."""
+    """The teachers, and (runs, source other than generalist) which test examples each run's generalist gets right."""
     cfg, ds = job.cfg, job.dataset
     if not job.runs:
         model, result = fit_generalist(cfg.teacher, ds, job.device, seed=cfg.seed, desc="teacher", progress=progress)
@@ -287,47 +453,114 @@ def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[l
         return metrics, ([module_teacher(model, ds.classes, "teacher", job.device, job.batch)], [])
     teachers, generalist_correct = [], []
     for run in job.runs:
-        generalist = load_checkpoint(run.generalist, job.device)
+        teachers.append(run_teacher(run, cfg.teacher.source, job.device, job.batch))
         if cfg.teacher.source == "generalist":  # its test accuracy comes with the teacher's test pass
-            teachers.append(module_teacher(generalist, run.read_classes(), str(run.root), job.device, job.batch))
-        else:
-            teachers.append(combined_teacher(run.root, job.device, job.batch))
-            logits = predict_logits(generalist, generalist.encode(ds.test.inputs), job.batch, job.device)
-            generalist_correct.append(_correct(logits, ds.test.labels))
+            continue
+        generalist = load_checkpoint(run.generalist, job.device)
+        logits = predict_logits(generalist, generalist.encode(ds.test.inputs), job.batch, job.device)
+        if job.generalist_predicted is None:
+            job.generalist_predicted = logits.argmax(1)
+        generalist_correct.append(_correct(logits, ds.test.labels))
     check_same_classes(teachers, ds.classes)
     return None, (teachers, generalist_correct)
 
 
-def _soft_targets(job: _Job, teachers: list[Teacher], log: Log) -> tuple[dict, tuple]:
-    """(N, C) soft targets for the transfer set (one teacher pass), and the teacher's test metrics.
+def _out_of_fold_scores(job: _Job, log: Log, progress: bool) -> tuple[torch.Tensor, dict]:
+    """(N, C) teacher scores of the transfer set, each row from a copy of the teacher run that never saw its
+    training row (nor, for an augmented copy, the row it was made from), and the cost of those runs."""
+    from .stages import fork_run, run_pipeline  # the fold runs are whole `specialists run`s
+
+    cfg, ds, transfer, base = job.cfg, job.dataset, job.transfer, job.runs[0]
+    k_folds, source = cfg.transfer.folds, cfg.teacher.source
+    fold = fold_of_rows(ds.train.labels, k_folds, job.run_seed)[transfer.origin]  # (N,) as data.load_dataset draws them
+    overrides = [f"data.holdout_folds={k_folds}"]
+    if source in ("combined", "generalist"):  # the peer members are not part of these teachers
+        overrides += ["peer.enabled=false", "combine.generalists=1"]
+    if source == "generalist":
+        overrides += ["cluster.enabled=false", "specialists.enabled=false"]
+    scores, runs, seconds, examples = None, [], 0.0, 0
+    for k in range(k_folds):
+        folder = job.out.root / "folds" / str(k)
+        if not (folder / "config.yaml").is_file():
+            fork_run(base, folder, [*overrides, f"data.holdout_fold={k}"])
+        started = time.perf_counter()
+        run = run_pipeline(None, folder, resume=True, log=lambda m: None, progress=progress)
+        seconds += time.perf_counter() - started
+        metrics = run.read_metrics()
+        examples += _examples_seen(metrics)
+        rows = np.flatnonzero(fold == k)
+        part = teacher_scores(run_teacher(run, source, job.device, job.batch), take_inputs(transfer.inputs, rows),
+                              job.batch)
+        if scores is None:
+            scores = torch.empty(len(transfer), part.shape[1], dtype=part.dtype)
+        scores[torch.from_numpy(rows)] = part
+        runs.append({"fold": k, "run": str(folder), "rows": int(len(rows)),
+                     "train_examples": int(metrics.get("data", {}).get("train", 0)),
+                     "seconds": round(time.perf_counter() - started, 1), "examples_seen": _examples_seen(metrics)})
+        log(f"out-of-fold teacher {k + 1}/{k_folds}: trained without fold {k}, labels its {len(rows)} transfer rows "
+            f"({runs[-1]['seconds']:.0f}s)")
+    np.save(job.out.root / "folds" / "fold_of_transfer_rows.npy", fold)
+    base_metrics = base.read_metrics()
+    cost = {"folds": k_folds, "runs": runs, "seconds": round(seconds, 1), "examples_seen": examples,
+            "teacher_run_seconds": base_metrics.get("timings", {}).get("total"),
+            "teacher_run_examples_seen": _examples_seen(base_metrics)}
+    return scores, cost
+
+
+def _examples_seen(metrics: dict) -> int:
+    """Training examples a run's models processed (generalist + specialists + peers), from its metrics.json."""
+    total = int(metrics.get("generalist", {}).get("examples_seen", 0))
+    total += int(metrics.get("specialists", {}).get("examples_seen", 0) or 0)
+    total += int(metrics.get("peer_ensemble", {}).get("examples_seen", 0) or 0) - (
+        int(metrics.get("generalist", {}).get("examples_seen", 0)) if "peer_ensemble" in metrics else 0)
+    return max(total, 0)
+
+
+def _soft_targets(job: _Job, teachers: list[Teacher], log: Log, progress: bool) -> tuple[dict, tuple]:
+    """The teachers' (N, C) scores of the transfer set (one pass, or out of fold), and their test metrics.
 
     Also returns which test examples the combined teacher gets right, and each
     member (the generalists' own, when they are the teachers).
     """
     cfg, ds, transfer = job.cfg, job.dataset, job.transfer
-    t = cfg.student.temperature
     started = time.perf_counter()
-    soft = ensemble_probs([teacher_scores(x, transfer.inputs, job.batch) for x in teachers], mean=cfg.teacher.mean,
-                          temperature=t, inputs="logits")
+    oof = None
+    if cfg.transfer.folds:
+        scores, oof = _out_of_fold_scores(job, log, progress)
+        transfer_scores = [scores]
+    else:
+        transfer_scores = [teacher_scores(x, transfer.inputs, job.batch) for x in teachers]
     seconds = time.perf_counter() - started
     test_scores = [teacher_scores(x, ds.test.inputs, job.batch) for x in teachers]
     test_probs = ensemble_probs(test_scores, mean=cfg.teacher.mean, inputs="logits").numpy()  # (N_test, C) at T = 1
+    if job.runs and cfg.teacher.source == "generalist":
+        job.generalist_predicted = test_scores[0].numpy().argmax(1)  # the first run's generalist
     test = _split_metrics(np.log(np.maximum(test_probs, 1e-38)), ds.test.labels, ds.classes, job.absent)
     metrics = {"source": cfg.teacher.source if job.runs else "trained", "runs": [str(r.root) for r in job.runs],
-               "mean": cfg.teacher.mean, "test_accuracy": test["accuracy"], "test_errors": test["errors"]}
-    if (transfer.truth >= 0).all():  # argmax of the soft targets (the same as at T = 1 for one teacher)
-        metrics["transfer_accuracy"] = float(_correct(soft, transfer.truth).mean())
+               "mean": cfg.teacher.mean, "test_accuracy": test["accuracy"], "test_errors": test["errors"],
+               "label_seconds": round(seconds, 3)}
+    if job.runs and teachers[0].model is not None:
+        metrics["mode"] = teachers[0].model.mode
+    if oof is not None:
+        metrics["out_of_fold"] = oof
+    probs1 = ensemble_probs(transfer_scores, mean=cfg.teacher.mean, inputs="logits")  # (N, C) at T = 1
+    if (transfer.truth >= 0).all():
+        metrics["transfer_accuracy"] = float(_correct(probs1, transfer.truth).mean())
+        if transfer.augmented.any():
+            metrics["transfer_accuracy_on_augmented"] = float(
+                _correct(probs1[torch.from_numpy(transfer.augmented)], transfer.truth[transfer.augmented]).mean())
     log(f"teacher: {len(teachers)} x {metrics['source']} ({cfg.teacher.mean} mean), test accuracy "
-        f"{test['accuracy']:.4f} ({test['errors']} errors); soft targets at T={t:g} for {len(transfer)} examples "
-        f"in {seconds:.1f}s")
-    return metrics, (soft, _correct(test_probs, ds.test.labels), [_correct(x, ds.test.labels) for x in test_scores])
+        f"{test['accuracy']:.4f} ({test['errors']} errors); scores of {len(transfer)} transfer examples"
+        f"{' out of fold' if oof else ''} in {seconds:.1f}s")
+    return metrics, (transfer_scores, probs1, _correct(test_probs, ds.test.labels),
+                     [_correct(x, ds.test.labels) for x in test_scores])
 
 
 def _adjust_bias(job: _Job, model: nn.Module, unadjusted: dict, result: TrainResult,
                  log: Log) -> tuple[dict, dict, np.ndarray]:
     """Section 3: shift the absent classes' logits by the amount best on validation.
 
-    Returns the `bias` section, the shifted model's metrics and (N_test,) which test examples it gets right.
+    Returns the `bias` section, the shifted model's metrics and (N_test,) its predicted classes.
     """
     ds, bias = job.dataset, job.cfg.bias
     val_logits = predict_logits(model, model.encode(ds.val.inputs), job.batch, job.device)
@@ -336,7 +569,7 @@ def _adjust_bias(job: _Job, model: nn.Module, unadjusted: dict, result: TrainRes
     shift_bias(model, job.absent, shift)
     after = _split_metrics(predict_logits(model, model.encode(ds.val.inputs), job.batch, job.device), ds.val.labels,
                            ds.classes, job.absent)
-    metrics, correct = _model_metrics(model, ds, job.transfer, result, job.batch, job.device, job.absent)
+    metrics, predicted = _model_metrics(model, ds, job.transfer, result, job.batch, job.device, job.absent)
     metrics["val_accuracy"] = after["accuracy"]
     section = {"classes": [ds.classes[c] for c in job.absent], "shift": shift,
                "val_accuracy_before": before["accuracy"], "val_accuracy_after": after["accuracy"],
@@ -349,65 +582,129 @@ def _adjust_bias(job: _Job, model: nn.Module, unadjusted: dict, result: TrainRes
         f"{before['accuracy']:.4f} -> {after['accuracy']:.4f}, test errors {unadjusted['test_errors']} -> "
         f"{metrics['test_errors']} ({unadjusted['test_errors_on_absent']} -> {metrics['test_errors_on_absent']} "
         "on absent classes)")
-    return section, metrics, correct
+    return section, metrics, predicted
 
 
-def _student(job: _Job, name: str, soft: torch.Tensor | None, log: Log, progress: bool) -> tuple[dict, np.ndarray]:
-    """Train the student on the soft targets (or, soft=None, the baseline on the hard labels); save and score it."""
+def _new_student(job: _Job, init: str | None = None) -> nn.Module:
+    """The student's starting point: the teacher run's generalist (student.init), or fresh seeded weights."""
+    if (init or job.init) == "generalist":
+        return load_checkpoint(job.runs[0].generalist, job.device)
+    seed_everything(job.cfg.seed)  # the same initial weights for every student and the baseline
+    return build_model(job.cfg.student, job.dataset)
+
+
+def _student(job: _Job, name: str, scores: list[torch.Tensor] | None, probs1: torch.Tensor | None, log: Log,
+             progress: bool) -> tuple[dict, np.ndarray]:
+    """Train the student on the soft targets, one per (T, soft weight) of the grid, and keep the best on
+    validation (or, scores=None, the baseline on the hard labels); save and score it."""
     cfg, ds, transfer = job.cfg, job.dataset, job.transfer
-    seed_everything(cfg.seed)  # the same initial weights for the student and the baseline
-    model = build_model(cfg.student, ds)
-    if soft is not None:
-        result = train_student(model, transfer, soft, ds.val.inputs, ds.val.labels, cfg.student.train,
-                               temperature=cfg.student.temperature, soft_weight=cfg.student.soft_weight,
-                               seed=cfg.seed, device=job.device, desc=name, progress=progress)
-    else:
+    if scores is None:
+        model = _new_student(job, "generalist" if job.init == "generalist" else "scratch")
         result = train_model(model, model.encode(transfer.inputs), transfer.labels, model.encode(ds.val.inputs),
                              ds.val.labels, cfg.student.train, seed=cfg.seed, device=job.device, desc=name,
                              progress=progress)
-    metrics, correct = _model_metrics(model, ds, transfer, result, job.batch, job.device, job.absent)
+        grid, chosen = [], None
+    else:
+        cluster = None
+        if cfg.student.cluster_weight:
+            rows_class = np.where(transfer.truth >= 0, transfer.truth, probs1.argmax(1).numpy())
+            from .ensemble import load
+
+            cluster = cluster_targets(load(job.runs[0].root, job.device, generalists=1), transfer.inputs, rows_class,
+                                      job.batch)
+        inits = ["generalist", "scratch"] if job.init == "both" else [job.init]
+        grid_points = [(i, t, w) for i in inits for t in (cfg.student.temperatures or [cfg.student.temperature])
+                       for w in (cfg.student.soft_weights or [cfg.student.soft_weight])]
+        best, grid = None, []
+        for init, t, w in grid_points:
+            soft = ensemble_probs(scores, mean=cfg.teacher.mean, temperature=t, inputs="logits")
+            candidate = _new_student(job, init)
+            result = train_student(candidate, transfer, soft, ds.val.inputs, ds.val.labels, cfg.student.train,
+                                   temperature=t, soft_weight=w, seed=cfg.seed, device=job.device,
+                                   desc=f"{name} {init} T={t:g} w={w:g}", progress=progress, cluster=cluster,
+                                   cluster_weight=cfg.student.cluster_weight)
+            grid.append({"init": init, "temperature": t, "soft_weight": w, "val_accuracy": result.best_val_accuracy,
+                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                         "examples_seen": result.examples_seen, "seconds": round(result.seconds, 3)})
+            if len(grid_points) > 1:
+                log(f"{name}: from {init}, T={t:g}, soft weight {w:g}: val accuracy {result.best_val_accuracy:.4f} "
+                    f"(best epoch {result.best_epoch})")
+            if best is None or result.best_val_accuracy > best[1].best_val_accuracy:
+                best = (candidate, result, init, t, w)
+        model, result, chosen_init, chosen_t, chosen_w = best
+        chosen = {"temperature": chosen_t, "soft_weight": chosen_w}
+    metrics, predicted = _model_metrics(model, ds, transfer, result, job.batch, job.device, job.absent)
+    metrics["init"] = job.init if chosen is None else chosen_init
+    if chosen is not None:
+        metrics.update(chosen, grid=grid, grid_examples_seen=sum(g["examples_seen"] for g in grid),
+                       grid_seconds=round(sum(g["seconds"] for g in grid), 3))
+    if job.generalist_predicted is not None:  # a student that is the generalist copied differs on no example
+        metrics["test_predictions_differing_from_generalist"] = int((predicted != job.generalist_predicted).sum())
     bias = None
-    if soft is not None and len(job.absent) and cfg.bias.adjust:
-        bias, metrics, correct = _adjust_bias(job, model, metrics, result, log)
+    if scores is not None and len(job.absent) and cfg.bias.adjust:
+        bias, adjusted, predicted = _adjust_bias(job, model, metrics, result, log)
+        metrics.update(adjusted)
         job.out.update_metrics({"bias": bias})
     save_checkpoint(model, job.out.root / name, extra={"bias_shift": bias} if bias else None)
     write_json(job.out.root / name / "history.json", result.history)
     log(f"{name}: test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_errors']} errors), "
-        f"best epoch {result.best_epoch}, {result.seconds:.1f}s")
-    return metrics, correct
+        f"best epoch {result.best_epoch}" + (f", T={chosen['temperature']:g}, soft weight {chosen['soft_weight']:g}"
+                                             + f", from {metrics['init']}" + (" (chosen on validation)" if len(grid) > 1 else "")
+                                             if chosen else "")
+        + f", {result.seconds:.1f}s")
+    return metrics, (predicted == ds.test.labels).astype(np.float64)
 
 
 def _report_kept_gain(job: _Job, teacher: dict, teacher_correct: np.ndarray, student: dict,
                       baseline_correct: np.ndarray | None, generalist_correct: list[np.ndarray], log: Log) -> None:
-    """kept_gain in the output's metrics.json and, distilling runs' combined q, `distilled` in each run's."""
-    # Over the generalist when distilling runs (section 8's open question); else over the hard-label
+    """kept_gain in the output's metrics.json and, distilling runs' ensembles, a section in each run's."""
+    # Over the generalist when distilling runs' ensembles (section 8's open question); else over the hard-label
     # student trained on the same examples, the fairest baseline when there is one.
     cfg = job.cfg
-    if job.runs and (cfg.teacher.source == "combined" or baseline_correct is None):
+    if job.runs and (cfg.teacher.source != "generalist" or baseline_correct is None):
         correct, baseline_name = np.mean(generalist_correct, axis=0), "generalist"  # (N_test,) mean over the runs
     elif baseline_correct is not None:
         correct, baseline_name = baseline_correct, "baseline"
     else:
         return
     baseline_accuracy = float(correct.mean())
-    kept = {**kept_gain(student["test_accuracy"], baseline_accuracy, teacher["test_accuracy"], len(job.dataset.test),
+    n_test = len(job.dataset.test)
+    kept = {**kept_gain(student["test_accuracy"], baseline_accuracy, teacher["test_accuracy"], n_test,
                         gain_standard_error(teacher_correct, correct)),
-            "baseline": baseline_name, "baseline_test_accuracy": baseline_accuracy,
-            "teacher_test_accuracy": teacher["test_accuracy"], "student_test_accuracy": student["test_accuracy"]}
+            "definition": KEPT_GAIN_DEFINITION, "baseline": baseline_name,
+            "baseline_test_accuracy": baseline_accuracy, "teacher_test_accuracy": teacher["test_accuracy"],
+            "student_test_accuracy": student["test_accuracy"], "test_examples": n_test}
     job.out.update_metrics({"kept_gain": kept})
     value = "undefined" if kept["kept_gain"] is None else f"{kept['kept_gain']:.1%}"
     log(f"kept gain: {value} of the teacher's gain over the {baseline_name} ({baseline_accuracy:.4f} -> teacher "
         f"{teacher['test_accuracy']:.4f}, student {student['test_accuracy']:.4f})")
-    if job.runs and cfg.teacher.source == "combined":
+    if job.runs and cfg.teacher.source in RUN_SECTIONS:
         section = {"out": str(job.out.root.resolve()), "runs": [str(r.root) for r in job.runs],
-                   "student_test_accuracy": student["test_accuracy"], "generalist_test_accuracy": baseline_accuracy,
+                   "source": cfg.teacher.source, "student_test_accuracy": student["test_accuracy"],
+                   "student_test_errors": student["test_errors"], "generalist_test_accuracy": baseline_accuracy,
                    "ensemble_test_accuracy": teacher["test_accuracy"], "kept_gain": kept["kept_gain"],
-                   "gain": kept["gain"], "gain_stderr": kept["gain_stderr"], "temperature": cfg.student.temperature,
+                   "definition": KEPT_GAIN_DEFINITION, "gain": kept["gain"], "gain_stderr": kept["gain_stderr"],
+                   "temperature": student.get("temperature", cfg.student.temperature),
+                   "soft_weight": student.get("soft_weight", cfg.student.soft_weight),
                    "transfer_examples": len(job.transfer), "student_parameters": student["parameters"]}
         if "reason" in kept:
             section["reason"] = kept["reason"]
         for run in job.runs:
-            run.update_metrics({"distilled": section})
+            run.update_metrics({RUN_SECTIONS[cfg.teacher.source]: section})
+
+
+def _write_report(job: _Job) -> None:
+    """report/ of the student run: the teacher run's Table 3 with the student as one more row, then its metrics."""
+    from .report import write_results_report
+
+    metrics = job.out.read_metrics()
+    table = {}
+    if job.runs and job.cfg.teacher.source in RUN_SECTIONS:
+        run_metrics = job.runs[0].read_metrics()
+        table = {key: run_metrics[key] for key in ("generalist", "ensemble", "peer_ensemble") if key in run_metrics}
+        table[RUN_SECTIONS[job.cfg.teacher.source]] = run_metrics.get(RUN_SECTIONS[job.cfg.teacher.source], {})
+    write_results_report(job.out.report, table, metrics, to_dict(job.cfg),
+                         title=f"Distilled student of {', '.join(str(r.root) for r in job.runs) or 'a teacher'}")
 
 
 def run_distill(cfg: DistillConfig, out: str | Path | None = None, log: Log = print,
@@ -424,24 +721,27 @@ def run_distill(cfg: DistillConfig, out: str | Path | None = None, log: Log = pr
     job.out.update_metrics({
         "data": data_summary(ds, job.device),
         "transfer": {"split": transfer.source, "examples": len(transfer), "labelled": transfer.labelled,
+                     "augmented": int(transfer.augmented.sum()), "out_of_fold_folds": cfg.transfer.folds,
                      "classes": int(len(transfer.present)), "absent_classes": [ds.classes[c] for c in job.absent]},
     })
     log(f"data: {ds.name}, {ds.n_classes} classes, {len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test; "
         f"transfer set {len(transfer)} examples{'' if transfer.labelled else ' (unlabeled)'}, {len(job.absent)} "
-        f"classes absent; device {job.device}; output {job.out.root}")
+        f"classes absent; student starts from {job.init}; "
+        f"device {job.device}; output {job.out.root}")
 
     _, (teachers, generalist_correct) = _timed(job, "teacher", lambda: _teachers(job, log, progress), "teacher")
-    teacher, (soft, teacher_correct, member_correct) = _timed(job, "soft_targets",
-                                                              lambda: _soft_targets(job, teachers, log), "teacher")
+    teacher, (scores, probs1, teacher_correct, member_correct) = _timed(
+        job, "soft_targets", lambda: _soft_targets(job, teachers, log, progress), "teacher")
     if job.runs and cfg.teacher.source == "generalist":
         generalist_correct = member_correct
     baseline_correct = None
     if cfg.student.baseline:
-        _, baseline_correct = _timed(job, "baseline", lambda: _student(job, "baseline", None, log, progress),
+        _, baseline_correct = _timed(job, "baseline", lambda: _student(job, "baseline", None, None, log, progress),
                                      "baseline")
-    student, _ = _timed(job, "student", lambda: _student(job, "student", soft, log, progress), "student")
+    student, _ = _timed(job, "student", lambda: _student(job, "student", scores, probs1, log, progress), "student")
     _report_kept_gain(job, teacher, teacher_correct, student, baseline_correct, generalist_correct, log)
     job.out.update_metrics({"timings": {"total": round(time.perf_counter() - started, 3)}})
+    _write_report(job)
     return job.out
 
 

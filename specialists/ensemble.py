@@ -17,6 +17,7 @@ specialists; G=1 is the combination above exactly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Set
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from .choices import DUSTBIN_MODES
 from .combine import active_specialists, solve, solve_rows
 from .config import CombineConfig, load_config
-from .models import load_checkpoint, resolve_device
+from .models import load_checkpoint, resolve_device, torch_threads
 from .rundir import RunDir, RunDirError
 from .specialist import SPECIALIST_FILE, dustbin_corrected, file_sha256, load_specialist
 
@@ -87,8 +88,12 @@ class SpecialistsModel:
                  dustbin: str | None = None, specialist_weight: float | None = None, use_specialists: bool = True,
                  generalists: int | None = None):
         self.run = RunDir(run_dir)
-        self.run.require(self.run.classes, self.run.generalist / "model.json", what="generalist")
-        saved = load_config(self.run.config).combine if self.run.config.is_file() else CombineConfig()
+        # a `specialists distill` output: one model (student/), served as a run without specialists
+        self.student_of = _student_teacher(self.run.root)
+        model_dir = self.run.root / "student" if self.student_of is not None else self.run.generalist
+        self.run.require(self.run.classes, model_dir / "model.json", what="generalist")
+        saved = (load_config(self.run.config).combine if self.run.config.is_file() and self.student_of is None
+                 else CombineConfig())
         top_n_given = top_n is not None
         top_n = saved.top_n if top_n is None else top_n
         dustbin = saved.dustbin if dustbin is None else dustbin
@@ -107,14 +112,17 @@ class SpecialistsModel:
         if not 1 <= top_n <= len(self.classes):
             raise ValueError(f"top_n={top_n} must be between 1 and the number of classes ({len(self.classes)})")
         self.top_n, self.dustbin, self.specialist_weight = top_n, dustbin, float(specialist_weight)
-        self.generalist = load_checkpoint(self.run.generalist, self.device)
+        self.generalist = load_checkpoint(model_dir, self.device)
+        if self.student_of is not None and generalists != 1:
+            raise RunDirError(f"generalists={generalists}: {self.run.root} is one distilled model (student/), "
+                              "not a run with peer members")
         if self.generalist.head.out_features != len(self.classes):
-            raise RunDirError(f"{self.run.generalist} predicts {self.generalist.head.out_features} classes but "
+            raise RunDirError(f"{model_dir} predicts {self.generalist.head.out_features} classes but "
                               f"{self.run.classes} lists {len(self.classes)}")
         self.full_models = [self.generalist] + [self._peer_member(k, generalists) for k in range(1, generalists)]
         self.use_specialists = use_specialists
         self.specialists: list[tuple[torch.nn.Module, dict]] = []
-        if use_specialists and self.run.specialists.is_dir():
+        if use_specialists and self.student_of is None and self.run.specialists.is_dir():
             folders = sorted((f for f in self.run.specialists.iterdir() if (f / SPECIALIST_FILE).is_file()),
                              key=lambda f: (0, int(f.name), "") if f.name.isdigit() else (1, 0, f.name))
             sha = file_sha256(self.run.generalist / "model.safetensors")
@@ -146,6 +154,8 @@ class SpecialistsModel:
 
     @property
     def mode(self) -> str:
+        if self.student_of is not None:
+            return f"single model: one network distilled from {self.student_of} (no specialists, no combination)"
         full = ("generalist" if self.generalists == 1 else
                 f"{self.generalists} full models (generalist + {self.generalists - 1} peer member"
                 f"{'s' if self.generalists > 2 else ''})")
@@ -207,16 +217,17 @@ class SpecialistsModel:
             return mean, parts
         active = active_specialists(general_in, self._classes_t, self.top_n, general_weights)  # (B, M)
         parts["active"] = active
-        for m, (model, info) in enumerate(self.specialists):
-            rows = torch.nonzero(active[:, m]).flatten()
-            probs = torch.zeros(0, len(info["classes"]) + 1, dtype=torch.float64, device=self.device)
-            if len(rows):
-                logits = model(*encoded.batch(index[rows.cpu().numpy()], self.device)).double()
-                probs = torch.softmax(dustbin_corrected(logits, self._correction(info)), dim=1)
-                if not torch.isfinite(probs).all():
-                    raise ValueError(f"specialist {info.get('id', m)} produced NaN/inf probabilities")
-            parts["specialist_probs"].append(probs)
-            parts["specialist_rows"].append(rows)
+        with torch_threads(1 if self.device.type == "cpu" else torch.get_num_threads()):  # many small forwards
+            for m, (model, info) in enumerate(self.specialists):
+                rows = torch.nonzero(active[:, m]).flatten()
+                probs = torch.zeros(0, len(info["classes"]) + 1, dtype=torch.float64, device=self.device)
+                if len(rows):
+                    logits = model(*encoded.batch(index[rows.cpu().numpy()], self.device)).double()
+                    probs = torch.softmax(dustbin_corrected(logits, self._correction(info)), dim=1)
+                    if not torch.isfinite(probs).all():
+                        raise ValueError(f"specialist {info.get('id', m)} produced NaN/inf probabilities")
+                parts["specialist_probs"].append(probs)
+                parts["specialist_rows"].append(rows)
         weights = torch.full((len(self.specialists),), self.specialist_weight, dtype=torch.float64, device=self.device)
         q = solve_rows(general_in, parts["specialist_probs"], self._classes_t, parts["specialist_rows"],
                        general_weights=general_weights, specialist_weights=weights)
@@ -307,10 +318,28 @@ class SpecialistsModel:
                 names = [self.classes[c] for c in info["classes"]] + ["<dustbin>"]
                 active.append({"id": info.get("id", m), "classes": len(info["classes"]),
                                "top": ranked(probs, names), "dustbin": round(float(probs[-1]), 6)})
+        if self.student_of is not None:  # one network: its own top classes are the answer
+            return {"mode": self.mode, "single_model": True, "top": ranked(q[0], self.classes),
+                    "combined_top": ranked(q[0], self.classes), "active_specialists": []}
         out = {"mode": self.mode, "generalist_top": ranked(parts["generalist"][0], self.classes)}
         if self.generalists > 1:
             out["full_models_top"] = ranked(parts["full_models_mean"][0], self.classes)
         return {**out, "active_specialists": active, "combined_top": ranked(q[0], self.classes)}
+
+
+def _student_teacher(root: Path) -> str | None:
+    """For a `specialists distill` output (student/model.json, no generalist/), what its student was
+    distilled from, in words; None for a run directory."""
+    if not (root / "student" / "model.json").is_file() or (root / "generalist" / "model.json").is_file():
+        return None
+    try:
+        teacher = json.loads((root / "metrics.json").read_text()).get("teacher", {})
+    except (OSError, ValueError):
+        teacher = {}
+    runs = ", ".join(teacher.get("runs", [])) or "a teacher trained with it"
+    what = {"combined": "the generalist + specialists", "generalist": "the generalist", "peers": "the peer ensemble",
+            "hybrid": "the full models + specialists"}.get(teacher.get("source"), "the teacher")
+    return f"{what} of {runs}"
 
 
 def top_classes(proba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -78,17 +78,34 @@ class StreamedComparison:
 
     def __init__(self, groups: Sequence[Sequence[int]], n_classes: int):
         self.member = membership(groups, n_classes)  # (M, C)
+        self._classes = [np.sort(np.asarray(list(g), dtype=np.int64)) for g in groups]  # ascending, as argmax ranks
         self._flags: dict[str, list[np.ndarray]] = {
             name: [] for name in ("general_correct", "correct", "cond_general", "cond_combined", "counts")}
 
+    def _conditional_correct(self, probs: np.ndarray, labels: np.ndarray, covering: np.ndarray) -> np.ndarray:
+        """`conditional_correct` on the covered rows, from each covering specialist's (r, k) columns in turn
+        instead of (B, C) masks: the highest probability over the union of their classes, a tie going to
+        the lowest class id, as argmax over a mask. covering: (M, B) bool."""
+        best = np.full(len(labels), -np.inf)
+        best_class = np.full(len(labels), np.iinfo(np.int64).max)
+        for m in np.flatnonzero(covering.any(1)):
+            rows, classes = np.flatnonzero(covering[m]), self._classes[m]
+            values = probs[np.ix_(rows, classes)]  # (r, k)
+            top = values.argmax(1)
+            value, label = values[np.arange(len(rows)), top], classes[top]
+            better = (value > best[rows]) | ((value == best[rows]) & (label < best_class[rows]))
+            best[rows[better]], best_class[rows[better]] = value[better], label[better]
+        covered = covering.any(0)
+        return best_class[covered] == labels[covered]
+
     def update(self, general_probs: np.ndarray, combined_probs: np.ndarray, labels: np.ndarray) -> "StreamedComparison":
-        covered, allowed = covering_classes(self.member, labels)
+        covering = self.member[:, labels]  # (M, B)
         flags = self._flags
         flags["general_correct"].append(general_probs.argmax(1) == labels)
         flags["correct"].append(combined_probs.argmax(1) == labels)
-        flags["cond_general"].append(conditional_correct(general_probs[covered], labels[covered], allowed))
-        flags["cond_combined"].append(conditional_correct(combined_probs[covered], labels[covered], allowed))
-        flags["counts"].append(self.member[:, labels].sum(0))
+        flags["cond_general"].append(self._conditional_correct(general_probs, labels, covering))
+        flags["cond_combined"].append(self._conditional_correct(combined_probs, labels, covering))
+        flags["counts"].append(covering.sum(0))
         return self
 
     def result(self) -> dict:

@@ -9,6 +9,7 @@ are part of the model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import itertools
@@ -41,6 +42,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no CUDA device; use device=auto or cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block, then restored.
+
+    For loops of many small ops (a specialist on the few rows where it is
+    active): starting and joining threads costs more than they save there,
+    and far more on a busy machine. The values computed do not change.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------

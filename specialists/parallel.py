@@ -17,7 +17,9 @@ saved: the store holds the data of the specialists in flight, not the N x C
 outputs of every split (see specialist.py, "the data one specialist reads"). A
 specialist whose worker dies (killed, out of memory, node lost) is re-run by
 Ray (`ray.max_retries`); one saved before a crash of the whole run is kept and
-not trained again on `--resume`.
+not trained again on `--resume`, if its files are whole (its weights hash to
+what its specialist.json recorded); a damaged or missing one is retrained. The
+driver's scratch shards are cut anew by every invocation, never reused.
 
 A bad Ray setting fails within seconds, never by waiting forever: an address
 where no Ray cluster answers (probed with one gRPC call and a deadline before
@@ -116,8 +118,10 @@ def _check_reachable(address: str, key: str, timeout: float) -> None:
         raise ConfigError(f"{key}={address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
     why = (_probe_client_server if client else _probe_gcs)(f"{host}:{port}", timeout)
     if why:
-        raise ConfigError(f"{key}={address!r}: {why}; start a cluster with `ray start --head`, or leave "
-                          "ray.address empty (and RAY_ADDRESS unset) for a local instance")
+        port_hint = " (ray:// is the head's Ray Client port, 10001 unless `ray start --ray-client-server-port`)"
+        raise ConfigError(f"{key}={address!r}: {why}; start a cluster with `ray start --head`"
+                          f"{port_hint if client else ''}, or leave ray.address empty (and RAY_ADDRESS unset) "
+                          "for a local instance")
 
 
 def _check_local_gpus(cfg: RayConfig) -> None:
@@ -222,7 +226,11 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
 
 @ray.remote
 def warm_worker() -> int:
-    """Nothing: a worker that runs it has imported this module (torch included) before the first specialist."""
+    """A worker that runs it has imported this module (torch included) before the first specialist, and
+    what torch imports lazily on a first optimizer (torch._dynamo: seconds of CPU in every new process)."""
+    weight = torch.zeros(1, requires_grad=True)
+    torch.optim.Adam([weight])
+    torch.optim.SparseAdam([weight])
     return os.getpid()
 
 
@@ -241,7 +249,8 @@ def train_specialist_task(shared: dict, data: SpecialistData, cfg: RunConfig, th
                                   device=torch.device("cuda" if use_gpu else "cpu"), desc=f"specialist {m}")
     spec, state = model_to_arrays(result.model)
     return {"spec": spec, "state": state, "history": result.train.history, "metrics": {"id": m, **result.metrics},
-            "worker": {"node": ray.util.get_node_ip_address(), "pid": os.getpid()}}
+            "worker": {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                       "pid": os.getpid()}}
 
 
 # ---------------------------------------------------------------------------
@@ -282,10 +291,12 @@ def _progress_line(m: int, metrics: dict, done: int, total: int) -> str:
 
 def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: torch.nn.Module, groups: list[list[int]],
                   todo: list[int], sha: str, device: torch.device, log: Log, progress: bool,
-                  shares: dict[int, int] | None = None) -> dict[int, str]:
+                  shares: dict[int, int] | None = None, profile: dict | None = None) -> dict[int, str]:
     """Train specialists `todo`, saving each as it finishes; returns {m: error} of those that failed.
 
     shares: {m: training examples specialist m may process} (specialists.budget); None or absent: no cap.
+    profile: filled with the wall seconds of the stage's parts (Ray start, cutting the generalist's
+    outputs, training until the last specialist is saved, Ray shut down).
 
     The driver never holds the generalist's (N, C) outputs: one batched pass
     per split cuts each specialist's share into a ShardStore (memory, then
@@ -294,8 +305,9 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
     leave it once it is saved, so the store holds O(window) specialists' data.
     """
     threads = max(1, int(cfg.ray.cpus_per_task))
+    # SPREAD: over every node of a cluster, not packed onto the driver's first (one node: no difference)
     options = dict(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task, max_retries=cfg.ray.max_retries,
-                   retry_exceptions=cfg.ray.retry_exceptions)
+                   retry_exceptions=cfg.ray.retry_exceptions, scheduling_strategy="SPREAD")
     failures: dict[int, str] = {}
     done: list[int] = []  # finished, saved or failed
 
@@ -306,11 +318,15 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
         with tqdm.external_write_mode():
             log(f"specialist {m}: FAILED{when}: {why} [{len(done)}/{len(todo)}]")
 
+    profile = {} if profile is None else profile
+    clock = time.perf_counter()
     with ray_session(cfg.ray, log) as resources:  # first: a bad address or resource request fails before any work
+        profile["ray_start_seconds"] = round(time.perf_counter() - clock, 3)
         bar = tqdm(total=len(todo), desc="specialists", unit="specialist", disable=not progress)
         # workers import torch (about a second each) while this process cuts the data, not after
         slots = int(resources["cpus"] // cfg.ray.cpus_per_task) if cfg.ray.cpus_per_task else len(todo)
-        warming = [warm_worker.options(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task).remote()
+        warming = [warm_worker.options(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task,
+                                       scheduling_strategy="SPREAD").remote()
                    for _ in range(max(1, min(len(todo), slots)))]
         plans = {}
         for m in todo:
@@ -329,10 +345,14 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
                                               cfg.train.eval_batch_size, device)
             log(f"specialists: generalist outputs cut for {len(plans)} specialist(s) in "
                 f"{time.perf_counter() - started:.1f}s ({store.spilled_bytes / 2**20:.0f} MiB spilled to disk)")
+            profile["cut_seconds"] = round(time.perf_counter() - started, 3)
+            started = time.perf_counter()
             spec, state = model_to_arrays(generalist)
             shared = ray.put({"generalist": {"spec": spec, "state": state}, "val": dataset.val})
             del state, warming  # never waited on: a specialist may start on a worker that is still warming
-            waiting = [m for m in todo if m in plans]
+            # the longest first (planned examples), so that the last one to finish is a short one
+            waiting = sorted((m for m in todo if m in plans),
+                             key=lambda m: -min(plans[m].orders.size, plans[m].max_examples or plans[m].orders.size))
             window = max(2, 2 * slots)  # every slot busy, and the next one queued while a result is saved
             while waiting or futures:
                 while waiting and len(futures) < window:
@@ -354,11 +374,17 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
                 bar.update(1)
                 with tqdm.external_write_mode():
                     log(_progress_line(m, result["metrics"], len(done), len(todo)))
+            profile["train_seconds"] = round(time.perf_counter() - started, 3)
+            clock = time.perf_counter()
         finally:
-            for future in futures:  # interrupted: do not leave tasks running on a cluster we only joined
-                ray.cancel(future, force=True)
+            # Interrupted (Ctrl-C, an error): the tasks in flight end with this driver's Ray session, which
+            # ray_session shuts down (a cluster ends a job's tasks when its driver leaves). Not ray.cancel: it races
+            # with a task that is finishing and can abort this process inside Ray ("Check failed: it !=
+            # submissible_tasks_.end()", ray-project/ray#54527), leaving no message and a stale run lock.
+            futures.clear()
             bar.close()
             shutil.rmtree(folder, ignore_errors=True)
+    profile["ray_stop_seconds"] = round(time.perf_counter() - clock, 3)
     return failures
 
 
@@ -389,12 +415,13 @@ def train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: tor
     if budget:
         log(f"specialists: budget {cfg.specialists.budget:g} x the generalist's examples = {budget:,} examples, "
             f"shared by {len(trainable)} specialists in proportion to their epochs")
-    failures = (_train_on_ray(cfg, dataset, run, generalist, groups, todo, sha, device, log, progress, shares)
-                if todo else {})
+    profile: dict = {}
+    failures = (_train_on_ray(cfg, dataset, run, generalist, groups, todo, sha, device, log, progress, shares,
+                              profile) if todo else {})
     if failures:
         listed = "; ".join(f"{m}: {why}" for m, why in sorted(failures.items()))
         raise SpecialistTrainingError(f"{len(failures)} of {len(trainable)} specialists failed ({listed}); the "
                                       f"others are saved, `specialists run --resume {run.root}` trains the rest")
     infos = [read_json(specialist_dir(run, m) / SPECIALIST_FILE) for m in trainable]
     summary = specialists_summary([info["metrics"] for info in infos], trained=todo, skipped=skipped)
-    return {**summary, "budget": cfg.specialists.budget, "budget_examples": budget}
+    return {**summary, "budget": cfg.specialists.budget, "budget_examples": budget, "profile": profile}

@@ -96,7 +96,10 @@ def train_peers(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.dev
                                               cfg.train.eval_batch_size, device))
     section = {"members": len(members), "budget_examples": budget, "examples_seen": used,
                "hybrid_full_models": cfg.combine.generalists,
-               "hybrid_examples_seen": sum(m["examples_seen"] for m in members[:cfg.combine.generalists])}
+               "hybrid_examples_seen": sum(m["examples_seen"] for m in members[:cfg.combine.generalists]),
+               # the members trained here (1, 2, ...): their training alone, wall and this process's CPU
+               "train_seconds": round(sum(m.get("seconds", 0.0) for m in members[1:]), 3),
+               "cpu_seconds": round(sum(m.get("cpu_seconds", 0.0) for m in members[1:]), 3)}
     for split, member_probs in probs.items():
         labels = getattr(dataset, split).labels
         correct = np.mean(member_probs, axis=0).argmax(1) == labels  # arithmetic mean of the members

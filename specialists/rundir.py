@@ -62,6 +62,8 @@ def _new_temp_file(path: Path) -> str:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
+        except OSError as err:  # e.g. no permission to write the folder: name the file, not its temporary
+            raise OSError(err.errno, err.strerror, str(path)) from None
         return str(tmp)
     raise FileExistsError(f"no free temporary file name beside {path}")
 

@@ -32,7 +32,7 @@ import torch
 from .cluster import CovarianceAccumulator
 from .choices import CLUSTER_SIGNALS, LABELLED_SIGNALS
 from .config import RunConfig
-from .data import Dataset
+from .data import Dataset, fold_of_rows  # fold_of_rows: re-exported
 from .train import iter_logits
 
 __all__ = [
@@ -142,23 +142,6 @@ def _check_temperature(temperature: float) -> None:
 
 # ---------------------------------------------------------------------------
 # out of fold: every training row predicted by a generalist that never saw it
-
-
-def fold_of_rows(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """(N,) fold index in [0, folds) per row, stratified by label and seeded.
-
-    Each class's rows are shuffled and dealt round-robin, starting at a random
-    fold, so every fold holds about 1/folds of every class.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    if folds < 2:
-        raise ValueError(f"folds={folds} must be >= 2")
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
-    return fold
 
 
 def iter_out_of_fold_logits(cfg: RunConfig, dataset: Dataset, device: torch.device, folds: int, *, seed: int,

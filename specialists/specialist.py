@@ -78,7 +78,8 @@ from torch import nn
 from .config import RunConfig, TrainConfig
 from .data import Dataset, Split
 from .distill import collapse_labels, collapse_probs, distillation_loss, soft_targets
-from .models import CheckpointError, create_model, load_checkpoint, save_checkpoint, with_dustbin_head
+from .models import (CheckpointError, create_model, load_checkpoint, save_checkpoint, torch_threads,
+                     with_dustbin_head)
 from .rundir import RunDir, RunDirError, read_json, write_json
 from .train import TrainResult, predict_logits, seed_everything, train_model
 
@@ -264,49 +265,67 @@ def plan_specialist(m: int, classes, dataset: Dataset, cfg: RunConfig, max_examp
 
 
 class ShardStore:
-    """Float32 arrays per (specialist, name), appended block by block in row order.
+    """Float32 arrays of known shapes, one per (specialist, name), filled block by block in row order.
 
-    Held in memory up to `memory_bytes` in all, beyond that appended to one
-    raw file per array under `folder`, so what the driver holds does not grow
-    with N x C. `pop` hands an array back whole and forgets it.
+    `allocate` every array first: each lives in memory while those allocated
+    so far fit in `memory_bytes`, the rest in one raw file each under
+    `folder` (written in place, never memory-mapped), so what the driver holds
+    does not grow with N x C. Allocating up front, not block by block, also
+    keeps thousands of small long-lived blocks from splitting the large
+    short-lived ones' freed heap, which glibc then cannot give back (measured
+    at C=5,000: 4 GiB). `pop` hands an array back whole and forgets it.
     """
 
     def __init__(self, folder: str | Path, memory_bytes: int = 256 << 20):
         self.folder, self.memory_bytes = Path(folder), memory_bytes
-        self._blocks: dict[tuple[int, str], list[np.ndarray]] = {}
-        self._buffered = 0
-        self.spilled_bytes = 0  # written to files so far
+        self._arrays: dict[tuple[int, str], np.ndarray | Path] = {}
+        self._shapes: dict[tuple[int, str], tuple[int, int]] = {}
+        self._filled: dict[tuple[int, str], int] = {}
+        self._in_memory = 0
+        self.spilled_bytes = 0  # in files
 
-    def _path(self, m: int, name: str) -> Path:
-        return self.folder / f"{m}.{name}.f32"
-
-    def append(self, m: int, name: str, block: np.ndarray) -> None:
-        """block: (b, width) float32 rows that follow those appended before."""
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        self._blocks.setdefault((m, name), []).append(block)
-        self._buffered += block.nbytes
-        if self._buffered > self.memory_bytes:
+    def allocate(self, m: int, name: str, rows: int, width: int) -> None:
+        key, nbytes = (m, name), rows * width * 4
+        if self._in_memory + nbytes <= self.memory_bytes:
+            self._arrays[key] = np.empty((rows, width), dtype=np.float32)
+            self._in_memory += nbytes
+        else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for (key_m, key_name), blocks in self._blocks.items():
-                if blocks:
-                    with open(self._path(key_m, key_name), "ab") as handle:
-                        for part in blocks:
-                            part.tofile(handle)
-                            self.spilled_bytes += part.nbytes
-                    blocks.clear()
-            self._buffered = 0
+            path = self.folder / f"{m}.{name}.f32"
+            with open(path, "wb") as handle:
+                handle.truncate(nbytes)
+            self._arrays[key] = path
+            self.spilled_bytes += nbytes
+        self._shapes[key], self._filled[key] = (rows, width), 0
 
-    def pop(self, m: int, name: str, width: int) -> np.ndarray:
-        """(rows, width) float32: everything appended to (m, name), in order ((0, width) if nothing was)."""
-        parts = []
-        path = self._path(m, name)
-        if path.is_file():
-            parts.append(np.fromfile(path, dtype=np.float32).reshape(-1, width))
-            path.unlink()
-        blocks = self._blocks.pop((m, name), [])
-        self._buffered -= sum(b.nbytes for b in blocks)
-        parts += [b.reshape(-1, width) for b in blocks]
-        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+    def write(self, m: int, name: str, block: np.ndarray) -> None:
+        """block: (b, width) rows that follow those written before."""
+        key = (m, name)
+        target, at = self._arrays[key], self._filled[key]
+        rows, width = self._shapes[key]
+        if block.shape[1:] != (width,) or at + len(block) > rows:
+            raise ValueError(f"{key}: block {block.shape} does not fit rows {at}.. of ({rows}, {width})")
+        if isinstance(target, Path):
+            with open(target, "r+b") as handle:
+                handle.seek(at * width * 4)
+                handle.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+        else:
+            target[at:at + len(block)] = block
+        self._filled[key] = at + len(block)
+
+    def pop(self, m: int, name: str) -> np.ndarray:
+        """The whole (rows, width) array, every row written."""
+        key = (m, name)
+        rows, width = self._shapes.pop(key)
+        filled, target = self._filled.pop(key), self._arrays.pop(key)
+        if filled != rows:
+            raise ValueError(f"{key}: {filled} of its {rows} rows were written")
+        if isinstance(target, Path):
+            array = np.fromfile(target, dtype=np.float32).reshape(rows, width)
+            target.unlink()
+            return array
+        self._in_memory -= target.nbytes
+        return target
 
 
 def _logits_by_batch(model: nn.Module, inputs, batch_size: int, device):
@@ -319,15 +338,12 @@ def _logits_by_batch(model: nn.Module, inputs, batch_size: int, device):
 def _collapsed_rows(probs: torch.Tensor, rows: torch.Tensor, classes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """(r, k+1) `collapse_probs(probs[rows], classes)` of (B, C) probabilities: the same bits.
 
-    collapse_probs sums each row's other columns as one contiguous (C - k)
+    collapse_probs sums each row's other columns as one contiguous (r, C - k)
     block; so does this (a row's sum does not depend on the rows beside it),
-    without re-checking a softmax just computed and with index_select, which
-    is several times faster than boolean-mask indexing. others: (C - k,) ids.
+    without re-checking a softmax just computed and with index_select, several
+    times faster than boolean-mask indexing. others: (C - k,) ids.
     """
-    if 2 * len(rows) > len(probs):  # most of the batch: one copy of its other columns, then the rows
-        return torch.cat([probs.index_select(1, classes), probs.index_select(1, others).sum(1, keepdim=True)],
-                         dim=1).index_select(0, rows)
-    picked = probs.index_select(0, rows)
+    picked = probs.index_select(0, rows)  # (r, C)
     return torch.cat([picked.index_select(1, classes), picked.index_select(1, others).sum(1, keepdim=True)], dim=1)
 
 
@@ -350,6 +366,11 @@ def cut_generalist_outputs(generalist: nn.Module, dataset: Dataset, plans: list[
         others = np.ones(n_classes, dtype=bool)
         others[plan.classes] = False
         columns[plan.m] = (torch.tensor(plan.classes, dtype=torch.long), torch.from_numpy(np.flatnonzero(others)))
+    for plan in plans:  # every array before the pass (see ShardStore)
+        k = len(plan.classes)
+        for name, rows, width in (("teacher", plan.train_rows, k + 1), ("val_scores", plan.val_inside, k),
+                                  ("test_scores", plan.test_inside, k)):
+            store.allocate(plan.m, name, len(rows), width)
     val_top1 = np.empty(len(dataset.val), dtype=np.int64)
     for split in ("train", "val", "test"):
         rows_of = {"train": lambda p: p.train_rows, "val": lambda p: p.val_inside, "test": lambda p: p.test_inside}[split]
@@ -359,17 +380,18 @@ def cut_generalist_outputs(generalist: nn.Module, dataset: Dataset, plans: list[
                 probs = torch.softmax(torch.from_numpy(logits), dim=1)  # (B, C) at T=1, row by row
             elif split == "val":
                 val_top1[start:end] = logits.argmax(1)
-            for plan in plans:
-                rows = rows_of(plan)
-                lo, hi = np.searchsorted(rows, [start, end])
-                if lo == hi:
-                    continue
-                local = rows[lo:hi] - start
-                if split == "train":
-                    collapsed = _collapsed_rows(probs, torch.from_numpy(local), *columns[plan.m])
-                    store.append(plan.m, "teacher", collapsed.numpy())
-                else:
-                    store.append(plan.m, f"{split}_scores", logits[local][:, plan.classes])
+            with torch_threads(1):  # thousands of small copies
+                for plan in plans:
+                    rows = rows_of(plan)
+                    lo, hi = np.searchsorted(rows, [start, end])
+                    if lo == hi:
+                        continue
+                    local = rows[lo:hi] - start
+                    if split == "train":
+                        store.write(plan.m, "teacher",
+                                    _collapsed_rows(probs, torch.from_numpy(local), *columns[plan.m]))
+                    else:
+                        store.write(plan.m, f"{split}_scores", logits[np.ix_(local, plan.classes)])
     return val_top1
 
 
@@ -398,11 +420,10 @@ class SpecialistData:
 
 def specialist_data(plan: SpecialistPlan, dataset: Dataset, store: ShardStore, val_top1: np.ndarray) -> SpecialistData:
     """Assemble specialist plan.m's data from the splits and its share of `cut_generalist_outputs` (popped)."""
-    k = len(plan.classes)
     active = np.isin(val_top1, plan.classes)
     return SpecialistData(
-        plan, dataset.train.take(plan.train_rows), store.pop(plan.m, "teacher", k + 1),
-        dataset.test.take(plan.test_inside), store.pop(plan.m, "val_scores", k), store.pop(plan.m, "test_scores", k),
+        plan, dataset.train.take(plan.train_rows), store.pop(plan.m, "teacher"),
+        dataset.test.take(plan.test_inside), store.pop(plan.m, "val_scores"), store.pop(plan.m, "test_scores"),
         int(active.sum()), int(np.isin(dataset.val.labels[active], plan.classes).sum()))
 
 

@@ -33,7 +33,7 @@ from .rundir import RunDir, RunDirError, atomic_write, read_json, write_json, wr
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .signals import cluster_rows, confusability, heldout_split
 from .specialist import specialists_done
-from .train import accuracy, iter_logits, predict_logits
+from .train import accuracy, iter_logits, predict_classes
 
 # ---------------------------------------------------------------------------
 # generalist
@@ -125,7 +125,7 @@ def make_clusterer(cfg: RunConfig) -> ConfusionClusterer:
 
 def error_pairs(model: torch.nn.Module, split: Split, batch_size: int, device) -> np.ndarray:
     """(E, 2) (true, predicted) class pairs of the model's errors on a labelled split."""
-    predicted = predict_logits(model, model.encode(split.inputs), batch_size, device).argmax(1)
+    predicted = predict_classes(model, model.encode(split.inputs), batch_size, device)
     wrong = predicted != split.labels
     return np.stack([split.labels[wrong], predicted[wrong]], axis=1).astype(np.int64)
 

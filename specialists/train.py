@@ -77,10 +77,24 @@ def predict_proba(model: nn.Module, inputs, batch_size: int = 1024, device: torc
     return torch.softmax(logits.double(), dim=1).float().numpy()
 
 
+def predict_classes(model: nn.Module, inputs, batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N,) int64 argmax class of each input, batch by batch (never the (N, K) logits)."""
+    out = [logits.cpu().numpy().argmax(1) for logits in iter_logits(model, inputs, batch_size, device)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 def accuracy(model: nn.Module, inputs, labels: np.ndarray, batch_size: int, device) -> float:
     if len(labels) == 0:
         return float("nan")
-    return float((predict_logits(model, inputs, batch_size, device).argmax(1) == labels).mean())
+    return float((predict_classes(model, inputs, batch_size, device) == labels).mean())
+
+
+def _all_finite(weights: torch.Tensor) -> bool:
+    """Whether every weight is finite. A finite sum settles it in one pass without allocating a mask
+    (on fastText's hashed embedding the per-element check costs as much as a short specialist epoch's
+    steps); a non-finite sum (NaN/inf present, or finite weights whose float32 sum overflowed) is
+    checked element by element."""
+    return bool(torch.isfinite(weights.sum())) or bool(torch.isfinite(weights).all())
 
 
 class _Optimizers:
@@ -185,7 +199,7 @@ def train_model(
             for name, value in values.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value * len(index)
         seen += len(order)
-        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        bad = next((name for name, p in model.named_parameters() if not _all_finite(p.detach())), None)
         if bad is not None:
             raise TrainingError(f"{desc}: weight {bad!r} holds NaN/inf after epoch {epoch}; "
                                 f"{_DIVERGED.format(key=lr_key, lr=cfg.lr)}")

@@ -5,6 +5,7 @@ One end-to-end run is `specialists run` itself (the console script, in a folder 
 module, as a user runs it), training specialists on Ray from a user's torch model.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -18,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 
 import user_models
-STEPS = int(os.environ.get('STEPS', 150))
 from specialists.config import ConfigError, load_config
 from specialists.models import (CheckpointError, create_model, load_checkpoint, model_kwargs, save_checkpoint,
                                 trust_factory, with_dustbin_head)
@@ -219,7 +219,7 @@ def test_specialists_grow_on_a_users_torch_model(tmp_path, monkeypatch):
     x_train, y_train, x_test, y_test = grouped_data(0)
     np.savez(tmp_path / "data.npz", X_train=x_train, y_train=y_train, X_test=x_test, y_test=y_test)
     x_own, y_own, _, _ = grouped_data(0, draw=1)  # the user trained on examples of their own, not the run's
-    net = trained_user_net(x_own, y_own, steps=STEPS)
+    net = trained_user_net(x_own, y_own)
     save_file(net.state_dict(), tmp_path / "gen.safetensors")
     shutil.copy(HERE / "user_models.py", tmp_path / "user_nets.py")  # the user's module, beside where they run
     command = [str(Path(sys.executable).parent / "specialists"), "run", "--quiet", "--out", "run",
@@ -265,8 +265,17 @@ def test_specialists_grow_on_a_users_torch_model(tmp_path, monkeypatch):
     combined = model.predict_proba(x_test)
     assert np.allclose(combined.sum(1), 1, atol=1e-4)
     combined_errors = int((combined.argmax(1) != y_test).sum())
-    assert combined_errors <= user_errors + 3, (combined_errors, user_errors)
-    assert 0, (combined_errors, user_errors, metrics["specialists"]["test_conditional_accuracy"], metrics["specialists"]["generalist_test_conditional_accuracy"], metrics["generalist"]["val_accuracy"])
+    # the command line serves it too, with the consent in the environment
+    np.save(tmp_path / "new.npy", x_test[:20])
+    served = subprocess.run([command[0], "predict", "run", "--input", "new.npy", "--output", "out.csv"], cwd=tmp_path,
+                            env={**env, "SPECIALISTS_TRUST_FACTORY": "user_nets:build"}, capture_output=True,
+                            text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    with open(tmp_path / "out.csv") as handle:
+        assert [row["label"] for row in csv.DictReader(handle)] == list(names[:20])
+    # the classes overlap (Gaussian noise), so the user's well-trained model leaves little to fix: the combination
+    # must not undo what it gets right
+    assert combined_errors <= user_errors + 2, (combined_errors, user_errors)
 
 
 # ---------------------------------------------------------------------------
@@ -278,6 +287,10 @@ INTENTS = ["card_lost", "exchange", "top_up"]
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    return _make_hf_folder(tmp_path_factory.mktemp("hf") / "bert", INTENTS)
+
+
+def _make_hf_folder(folder: Path, classes: list[str]) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
@@ -289,9 +302,8 @@ def hf_folder(tmp_path_factory):
                                                              special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, id2label=dict(enumerate(INTENTS)),
-                        label2id={name: i for i, name in enumerate(INTENTS)})
-    folder = tmp_path_factory.mktemp("hf") / "bert"
+                        intermediate_size=32, max_position_embeddings=32, id2label=dict(enumerate(classes)),
+                        label2id={name: i for i, name in enumerate(classes)})
     BertForSequenceClassification(config).save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
     return folder
@@ -336,13 +348,53 @@ def test_a_hugging_face_classifier_must_name_the_datas_classes_in_order(hf_folde
         model_kwargs(load_config(None, ["model.name=hf", f"model.weights={hf_folder}"]).model, "features", (3,), 3)
 
 
+def _pair_texts(n_per_class: int, seed: int) -> list[list[str]]:
+    """Four intents in two confusable pairs: each pair shares most of its words."""
+    rng = np.random.default_rng(seed)
+    shared = {"card": ["lost", "card", "stolen", "wallet"], "money": ["top", "up", "balance", "money"]}
+    own = {"card_lost": "missing", "card_stolen": "stolen", "top_up": "add", "exchange": "euro"}
+    rows = []
+    for label, word in own.items():
+        pool = shared["card" if label.startswith("card") else "money"]
+        for _ in range(n_per_class):
+            rows.append([" ".join([*rng.choice(pool, size=3), word]), label])
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.mark.slow
+def test_specialists_grow_on_a_fine_tuned_hugging_face_classifier(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    import specialists
+
+    classes = ["card_lost", "card_stolen", "exchange", "top_up"]  # the order the run gives them (sorted)
+    _make_hf_folder(tmp_path / "bert", classes)  # randomly initialised: the run fine-tunes it
+    for split, seed, n in (("train", 0, 40), ("test", 1, 15)):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows([["text", "intent"], *_pair_texts(n, seed)])
+    cfg = load_config(None, ["data.kind=csv_text", f"data.train={tmp_path / 'train.csv'}",
+                             f"data.test={tmp_path / 'test.csv'}", "data.label_column=intent", "model.name=hf",
+                             f"model.weights={tmp_path / 'bert'}", "model.fine_tune=true", "train.epochs=3",
+                             "train.batch_size=32", "train.lr=0.003", "cluster.classes_per_cluster=2",
+                             "specialists.epochs=2", "peer.max_members=2", "ray.num_cpus=2", "threads=1"])
+    run = run_pipeline(cfg, tmp_path / "run", **QUIET)
+    metrics = run.read_metrics()
+    assert metrics["generalist"]["examples_seen"] > 0 and "loaded_from" not in metrics["generalist"]  # fine-tuned
+    assert metrics["specialists"]["count"] >= 1
+    assert json.loads((run.specialists / "0" / "model.json").read_text())["name"] == "hf"
+    model = specialists.load(run.root, device="cpu")
+    texts = [row[0] for row in _pair_texts(3, seed=2)]
+    assert set(model.predict(texts)) <= set(classes)
+    assert np.allclose(model.predict_proba(texts).sum(1), 1, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # timm
 
 
 def test_a_timm_classifier_gets_specialist_heads(tmp_path):
-    pytest.importorskip("timm", reason="the timm extra is not installed (timm needs torchvision, which does not "
-                                       "install beside this torch build)")
+    pytest.importorskip("timm", reason="timm does not import: install the timm extra (timm needs torchvision, "
+                                       "which PyPI's wheels fail to provide beside torch 2.13+cpu)")
     cfg = load_config(None, ["model.name=timm", "model.arch=test_vit"])
     kwargs = model_kwargs(cfg.model, "image", (16, 16), 10)
     torch.manual_seed(0)

@@ -176,7 +176,7 @@ def test_newton_system_falls_back_to_pseudo_inverse_when_singular():
     # a huge rank-one term can make the (Jacobi-scaled) Newton matrix singular in float64
     m = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 4.0]]], dtype=F64)
     rhs = torch.tensor([[[2.0], [2.0]], [[2.0], [4.0]]], dtype=F64)
-    x = combine._solve_spd(m, rhs)
+    x = combine.solve_spd(m, rhs)
     torch.testing.assert_close(x, torch.tensor([[[1.0], [1.0]], [[1.0], [1.0]]], dtype=F64), atol=1e-12, rtol=0)
 
 

@@ -95,7 +95,7 @@ def test_resolved_distill_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["teacher.source=both"], "teacher.source='both': must be one of ('combined', 'generalist')"),
+    (["teacher.source=both"], "teacher.source='both': must be one of ('combined', 'generalist', 'peers', 'hybrid')"),
     (["teacher.runs=[a, a]"], "teacher.runs=['a', 'a']: lists a run twice"),
     (["student.temperature=-2"], "student.temperature=-2.0: must be a finite number > 0"),
     (["transfer.omit_classes=[3, '3']"], "lists a class twice"),

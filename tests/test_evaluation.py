@@ -88,5 +88,12 @@ def test_the_streamed_comparison_equals_the_whole_one_in_any_batches():
     for start, stop in [(0, 1), (1, 8), (8, 108), (108, 300)]:
         streamed.update(general[start:stop], combined[start:stop], labels[start:stop])
     assert json.dumps(streamed.result()) == json.dumps(whole)  # NaN gains (no correct generalist) too
+    # the conditional accuracy equals the argmax over (N, C) masks, ties included
+    tied = np.round(general * 20) / 20  # many equal probabilities
+    covered, allowed = covering_classes(membership(groups, c), labels)
+    by_mask = conditional_correct(tied[covered], labels[covered], allowed)
+    assert by_mask.sum() > 0
+    m = StreamedComparison(groups, c).update(tied, tied, labels).result()
+    assert m["generalist_conditional_accuracy"] == by_mask.mean() and m["covered_test_examples"] == covered.sum()
     assert whole["covered_test_examples"] == int(np.isin(labels, sum(groups, [])).sum())
     assert [row["specialists_covering"] for row in whole["by_covering"]] == [0, 1, 2]

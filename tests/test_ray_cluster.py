@@ -84,7 +84,7 @@ def _client(url, headers, head, timeout=90):
             time.sleep(0.5)
 
 
-def _submit(client, head, timeout: float = 120.0, **job) -> str:
+def _submit(client, head, timeout: float = 300.0, **job) -> str:
     """submit_job, retried while the head's job agent is still starting (Ray answers 500 "No available agent")."""
     deadline = time.monotonic() + timeout
     while True:

@@ -186,6 +186,35 @@ def test_resume_refuses_a_config_file_that_changes_results(run_copy, tmp_path, c
     assert "train.lr=0.5 (the run has 0.01)" in capsys.readouterr().err
 
 
+def _refused_to_root_too(folder: str) -> bool:
+    try:
+        os.close(os.open(os.path.join(folder, ".specialists-probe"), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    os.unlink(os.path.join(folder, ".specialists-probe"))
+    return False
+
+
+@pytest.mark.skipif(not _refused_to_root_too("/sys/kernel"),
+                    reason="needs a folder where creating a file is refused, to root too (/sys/kernel)")
+def test_a_refused_write_ends_with_the_file_and_a_resume_hint(run_copy, capsys):
+    import shutil
+
+    report = run_copy / "report"
+    shutil.rmtree(report)
+    report.symlink_to("/sys/kernel")  # the report stage's files cannot be written
+    assert main(["run", "--quiet", "--resume", str(run_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {report}{os.sep}") and ": Permission denied\n" in err  # the file, not a temporary
+    assert HINT.format(run_copy) in err and "Traceback" not in err
+    assert not RunDir(run_copy).lock_file.exists()
+    report.unlink()  # fixed: the resume finishes the run
+    assert main(["run", "--quiet", "--resume", str(run_copy)]) == 0
+    assert (report / "index.html").is_file()
+
+
 # ---------------------------------------------------------------------------
 # checks before training
 
@@ -229,16 +258,19 @@ def test_ray_client_address_honours_the_connect_timeout(no_ray, tmp_path):
                               f"127.0.0.1:{port} within 2s")
 
 
-def test_data_with_fewer_classes_than_top_n_is_refused_before_training(tmp_path, capsys):
-    """Issue 16, bug 1: two classes and the default combine.top_n=3, from the command line."""
+@pytest.mark.parametrize("overrides, expect", [
+    ([], "error: combine.top_n=3: the data have 2 classes"),  # issue 16, bug 1: the default top_n
+    (["combine.top_n=2", "cluster.split=nowhere.csv"], "error: cluster.split='nowhere.csv': not val/train/test"),
+], ids=["top_n", "cluster.split"])
+def test_settings_the_data_make_impossible_are_refused_before_training(tmp_path, capsys, overrides, expect):
     from conftest import write_csv
 
     two = write_csv(tmp_path / "two.csv", [[f"{label} text {i}", label] for label in "AB" for i in range(10)])
     out = tmp_path / "run"
     assert main(["run", "--quiet", "--out", str(out), "data.kind=csv_text", f"data.train={two}", f"data.test={two}",
-                 "data.label_column=intent", "train.epochs=2", "peer.enabled=false"]) == 2
+                 "data.label_column=intent", "train.epochs=2", "peer.enabled=false", *overrides]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: combine.top_n=3: the data have 2 classes") and "Traceback" not in err
+    assert err.startswith(expect) and "Traceback" not in err
     assert not out.exists()
 
 

@@ -584,3 +584,34 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     (broken / "index.html").write_text(re.sub(r"<img [^>]*>", "", page))
     bad = subprocess.run([sys.executable, script, broken], capture_output=True, text=True, timeout=180)
     assert bad.returncode == 1 and "FAIL" in bad.stderr and "images" in bad.stderr, bad.stderr
+
+
+# --------------------------------------------------------------------------- issue 12: order inside a cluster, held-out share
+
+
+def test_similarity_order_puts_planted_sub_blocks_side_by_side():
+    # one cluster of 8 classes listed interleaved: 0, 4, 1, 5, ... ; classes 0-3 and 4-7 form two sub-blocks
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(0, 0.02, (10, 10))
+    matrix = (matrix + matrix.T) / 2
+    matrix[:4, :4] += 0.5
+    matrix[4:8, 4:8] += 0.5
+    np.fill_diagonal(matrix, 1.0)
+    group = [0, 4, 1, 5, 2, 6, 3, 7]
+    order = cluster_order([group, [8, 9]], 10, matrix)
+    assert sorted(order.tolist()) == list(range(10))
+    inside = order[:8].tolist()
+    assert {frozenset(inside[:4]), frozenset(inside[4:])} == {frozenset(range(4)), frozenset(range(4, 8))}
+    assert cluster_order([group, [8, 9]], 10).tolist() == group + [8, 9]  # without a matrix: as listed
+
+
+def test_random_share_and_held_out_line(example):
+    groups = example["groups"]  # sizes 6, 6, 6, 6, 4 of 30 classes
+    expected = (4 * 6 * 5 + 4 * 3) / (C * (C - 1))
+    assert analysis.random_share(groups, C) == pytest.approx(expected)
+    held = example["pairs"][:10]
+    inside, total, _ = error_share_inside(held, groups)
+    text = format_summary(C, groups, error_pairs=example["pairs"], heldout_pairs=held, heldout_name="test")
+    assert text.splitlines()[-1] == (f"held out (test errors, never used to cluster): {inside} / {total} "
+                                     f"({100 * inside / total:.1f}%); random clusters of these sizes: "
+                                     f"{100 * expected:.1f}%")

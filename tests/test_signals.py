@@ -156,7 +156,7 @@ def marked_dataset(seed=0):
 
 def test_out_of_fold_never_predicts_a_row_with_a_model_that_saw_it():
     cfg = load_config(None, ["data.kind=synthetic", "model.name=mlp", "model.hidden=[64]", "model.dropout=0.0",
-                             "train.epochs=60", "train.batch_size=16", "train.lr=0.01", "train.patience=0",
+                             "train.epochs=20", "train.batch_size=32", "train.lr=0.01", "train.patience=0",
                              "threads=1", "cluster.folds=4"])
     dataset, natural, marked = marked_dataset()
     rows, predicted = [], []

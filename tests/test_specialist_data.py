@@ -22,7 +22,7 @@ from specialists.models import with_dustbin_head
 from specialists.specialist import (EnrichedSampler, ShardStore, conditional_accuracy, cut_generalist_outputs,
                                     dustbin_correction, dustbin_corrected, plan_specialist, specialist_data,
                                     specialist_soft_targets, specialist_train_config, train_specialist)
-from specialists.train import predict_logits, seed_everything, train_model
+from specialists.train import predict_classes, predict_logits, seed_everything, train_model
 
 
 def reference_train_specialist(generalist, classes, dataset, teacher_logits, cfg, *, seed):
@@ -151,12 +151,31 @@ def test_a_group_without_outside_examples_cannot_be_planned():
 def test_the_shard_store_returns_blocks_in_order_from_memory_and_files(tmp_path):
     rng = np.random.default_rng(0)
     blocks = [rng.normal(size=(n, 3)).astype(np.float32) for n in (4, 0, 7, 1)]
-    store = ShardStore(tmp_path, memory_bytes=100)  # spills whenever more than 100 bytes are held
+    store = ShardStore(tmp_path, memory_bytes=200)  # room for the first array (144 bytes) only
+    for m, width in ((1, 3), (2, 2), (3, 5)):
+        store.allocate(m, "teacher", 12 if m < 3 else 0, width)
+    assert store.spilled_bytes == 12 * 2 * 4 and [p.name for p in tmp_path.glob("*.f32")] == ["2.teacher.f32"]
     for block in blocks:
-        store.append(1, "teacher", block)
-        store.append(2, "teacher", block[:, :2])
-    assert store.spilled_bytes > 0 and list(tmp_path.glob("*.f32"))
-    assert np.array_equal(store.pop(1, "teacher", 3), np.concatenate(blocks))
-    assert np.array_equal(store.pop(2, "teacher", 2), np.concatenate(blocks)[:, :2])
-    assert store.pop(3, "teacher", 5).shape == (0, 5)  # nothing appended
+        store.write(1, "teacher", block)
+        store.write(2, "teacher", block[:, :2])
+    with pytest.raises(ValueError, match="does not fit"):
+        store.write(1, "teacher", blocks[0])  # a 13th row
+    assert np.array_equal(store.pop(1, "teacher"), np.concatenate(blocks))
+    assert np.array_equal(store.pop(2, "teacher"), np.concatenate(blocks)[:, :2])
+    assert store.pop(3, "teacher").shape == (0, 5)  # nothing to write
     assert not list(tmp_path.glob("*.f32"))
+    store.allocate(4, "teacher", 2, 3)
+    store.write(4, "teacher", blocks[3])
+    with pytest.raises(ValueError, match="1 of its 2 rows were written"):
+        store.pop(4, "teacher")
+
+
+def test_batched_class_predictions_equal_the_whole_array_argmax():
+    cfg = tiny_config()
+    dataset = load_dataset(cfg.data, cfg.seed)
+    generalist, _ = fit_generalist(cfg, dataset, torch.device("cpu"), seed=0, epochs=1, progress=False)
+    encoded = generalist.encode(dataset.test.inputs)
+    whole = predict_logits(generalist, encoded, 10_000).argmax(1)
+    for batch in (1, 7, 64, 10_000):
+        assert np.array_equal(predict_classes(generalist, encoded, batch), whole)
+    assert predict_classes(generalist, generalist.encode(dataset.test.inputs[:0]), 8).shape == (0,)

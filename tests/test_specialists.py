@@ -210,7 +210,7 @@ def _processes_titled(title: str) -> list[int]:
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds Ray's worker processes through /proc")
 def test_a_killed_worker_is_retried_and_the_run_completes(tmp_path):
     # Long enough specialists that one is still training when its worker process is SIGKILLed.
-    cfg = tiny_config(ON, "specialists.epochs=150", "specialists.patience=0", "ray.max_retries=2")
+    cfg = tiny_config(ON, "specialists.epochs=150", "specialists.patience=0", "specialists.budget=0", "ray.max_retries=2")
     killed = []
 
     def kill_first_specialist_worker():

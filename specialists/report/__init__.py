@@ -69,6 +69,7 @@ __all__ = [
     "summary_table",
     "md_escape",
     "write_report",
+    "write_results_report",
 ]
 
 TOP_PAIRS = 20  # rows of the confused-pairs table
@@ -142,6 +143,20 @@ def write_report(
     doc.add(*_metrics_section(metrics))
     doc.add(*_settings_section(settings))
     return _write(Path(out_dir), doc)
+
+
+def write_results_report(out_dir: Path, results: Mapping, metrics: Mapping | None = None,
+                         settings: Mapping | None = None, title: str = "Results") -> dict[str, Path]:
+    """A report without clusters (a distilled student's run): the results tables of `results` (sections
+    as a run's metrics.json has them; none: no tables), then `metrics` and `settings` generically.
+    Writes summary.md, then index.html; returns {"markdown", "html"} -> path."""
+    doc = Doc(title)
+    doc.add(*_results_section(results))
+    doc.add(*_metrics_section(metrics))
+    doc.add(*_settings_section(settings))
+    out_dir = Path(out_dir)
+    return {"markdown": write_bytes(out_dir / "summary.md", render_md(doc).encode("utf-8")),
+            "html": write_bytes(out_dir / "index.html", render_html(doc).encode("utf-8"))}
 
 
 def _check_inputs(class_names, matrix, groups, uncovered, error_pairs, matrix_kind) -> _Inputs:

@@ -193,8 +193,20 @@ def _comparison_table(metrics: Mapping) -> Table:
             label += f" of {members} generalist" + ("s" if members != 1 else "")
         rows.append([label, _rate(peer["test_accuracy"]), _count(peer.get("test_errors")),
                      change(peer.get("test_errors")), "—"])
+    for key, teacher in DISTILLED_SECTIONS.items():  # a student distilled from this run (`specialists distill`)
+        student = metrics.get(key)
+        if student and "student_test_accuracy" in student:
+            kept = student.get("kept_gain")
+            label = f"one model distilled from {teacher}" + ("" if kept is None else f" (keeps {kept:.0%} of the gain)")
+            rows.append([label, _rate(student["student_test_accuracy"]), _count(student.get("student_test_errors")),
+                         change(student.get("student_test_errors")), "—"])
     headers = ["model", "test accuracy", "test errors", "change in errors", "conditional accuracy"]
     return Table(headers, rows, html_id="results")
+
+
+# metrics.json section of a distilled student (distill_run.RUN_SECTIONS) -> what it was distilled from
+DISTILLED_SECTIONS = {"distilled": "generalist + specialists", "distilled_peers": "the peer ensemble",
+                      "distilled_hybrid": "full models + specialists"}
 
 
 def covering_table(rows: Sequence[Mapping]) -> Table:
@@ -286,7 +298,7 @@ def summary_table(metrics: Mapping) -> str:
     then the test results as tables (format_results), which stand in for the `ensemble`
     and `peer_ensemble` sections."""
     results = format_results(metrics)
-    tabled = {"ensemble", "peer_ensemble"} if results else set()
+    tabled = {"ensemble", "peer_ensemble", *DISTILLED_SECTIONS} if results else set()
     rows = []
     for section, values in metrics.items():
         if not isinstance(values, dict) or section in tabled:

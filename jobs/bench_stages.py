@@ -1,0 +1,81 @@
+"""Generalist, specialists and peer training side by side in one `specialists run`: wall time and rate.
+
+    python -m jobs.bench_stages [--config FILE] [--out DIR] [key.sub=value ...]
+
+One full run (default: Banking77 with the code defaults, so the specialists
+get `specialists.budget` x the generalist's examples and the peer stage,
+matching them, about as many). Printed per stage: training examples
+processed, the stage's wall seconds, the training's CPU-seconds (the
+generalist's and the peers' from the driver process, the specialists' summed
+over their Ray tasks) and the two rates: examples per wall second and
+examples per CPU-second (per core). Then the specialists stage's parts (Ray
+start, cutting the generalist's outputs, training to the last specialist
+saved, Ray shut down) and issue 11's goal: the specialists stage takes no
+more wall time than the peer stage at an equal number of examples (compared
+per example, since the peer ensemble's budget rounds to whole epochs).
+
+The load average before and after is printed: on a machine others share, wall
+times say more about them than about the stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from specialists.config import load_config
+from specialists.report.document import Doc, Para, Table, render_md
+from specialists.stages import run_pipeline
+
+
+def rates(name: str, examples: int, wall: float, cpu: float) -> list[str]:
+    return [name, f"{examples:,}", f"{wall:.1f}", f"{cpu:.1f}", f"{examples / wall:,.0f}" if wall else "—",
+            f"{examples / cpu:,.0f}" if cpu else "—"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (default: the built-in Banking77 defaults)")
+    parser.add_argument("--out", help="run directory (default: a temporary one, removed after)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_stages_")) / "run"
+    load_before = os.getloadavg()[0]
+    run = run_pipeline(cfg, out, log=lambda s: None, progress=False)
+    load_after = os.getloadavg()[0]
+    m = run.read_metrics()
+    timings, gen, spec, peer = m["timings"], m["generalist"], m.get("specialists", {}), m.get("peer_ensemble", {})
+
+    rows = [rates("generalist", gen["examples_seen"], timings["generalist"], gen.get("cpu_seconds", 0.0))]
+    if spec:
+        rows.append(rates(f"specialists ({spec['count']}, Ray, {cfg.ray.cpus_per_task:g} CPU each)",
+                          spec["examples_seen"], timings["specialists"], spec["cpu_seconds"]))
+    peer_examples = peer.get("examples_seen", 0) - gen["examples_seen"]
+    if peer:
+        rows.append(rates(f"peer members ({peer['members'] - 1}, in process)", peer_examples, timings["peer"],
+                          peer.get("cpu_seconds", 0.0)))
+    doc = Doc(f"Stages of one run: {m['data']['name']}, seed {cfg.seed}")
+    doc.add(Table(["training", "examples", "stage wall s", "training CPU-s", "examples / wall s",
+                   "examples / CPU-s"], rows))
+    if spec.get("profile"):
+        p = spec["profile"]
+        doc.add(Para("Specialists stage: " + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f}s"
+                                                       for k, v in p.items())
+                     + f"; the tasks' own seconds summed: {spec['seconds']:.1f}s"))
+    if spec and peer and peer_examples:
+        per_spec, per_peer = timings["specialists"] / spec["examples_seen"], timings["peer"] / peer_examples
+        doc.add(Para(f"Goal (specialists stage no slower than the peer stage at equal examples): "
+                     f"{1e3 * per_spec:.3f} vs {1e3 * per_peer:.3f} wall ms per example, "
+                     f"{'met' if per_spec <= per_peer else 'NOT met'}; load average {load_before:.1f} before, "
+                     f"{load_after:.1f} after, on {os.cpu_count()} CPUs."))
+    print(render_md(doc))
+    if not args.out:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
