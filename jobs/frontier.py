@@ -199,7 +199,7 @@ def best_combination(seed: Seed, members: list[dict], specialists: list[dict]) -
                 settings = [(n, w) for n in TOP_N for w in SPECIALIST_WEIGHTS if n <= seed.dataset.n_classes]
             classes = [torch.tensor(c) for c in spec["classes"]] if spec else []
             for top_n, weight in settings:
-                def combined(split):
+                def combined(split, full=full, spec=spec, classes=classes, top_n=top_n, weight=weight):
                     probs = [torch.from_numpy(p.astype(np.float64)) for p in spec["outputs"][split]] if spec else []
                     return combine_outputs(full[split], probs, classes, top_n or 1, weight or 1.0).numpy()
 

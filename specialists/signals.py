@@ -86,7 +86,8 @@ def tempered_covariance(logits: Iterable[torch.Tensor], n_classes: int, temperat
     _check_temperature(temperature)
     acc = CovarianceAccumulator(n_classes, device)
     for z in logits:
-        acc.update(torch.softmax(torch.as_tensor(z).float() / temperature, dim=1))
+        z = torch.as_tensor(z).float()
+        acc.update(torch.softmax(z if temperature == 1.0 else z / temperature, dim=1))
     return acc.covariance()
 
 
