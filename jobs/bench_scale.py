@@ -2,7 +2,9 @@
 
     python -m jobs.bench_scale [--classes 1000 5000 15000] [--n-scale 1 2] [--per-class 20]
                                [--config configs/synthetic.yaml] [--set key=value ...] [--out DIR] [--plot PNG]
+                               [--json FILE] [--merge FILE ...]
     python -m jobs.bench_scale --as-is --config configs/jft_shape.yaml    # one run of a config as it is
+    python -m jobs.bench_scale --classes --merge a.json b.json            # print and plot earlier figures
 
 Each size is issue 15's command with C classes: `specialists run` of
 `--config` with data.synthetic.n_classes=C, n_groups=C/20 (so specialists of
@@ -193,15 +195,16 @@ def plot(results: list[dict], path: Path) -> None:
     by_scale: dict[int, list[dict]] = {}
     for r in results:
         by_scale.setdefault(r["train"] // r["classes"], []).append(r)
-    for per_class, rows in sorted(by_scale.items()):
+    styles = ["-", "--", ":", "-."]  # one per data size; one colour per quantity
+    for (per_class, rows), style in zip(sorted(by_scale.items()), styles):
         rows = sorted(rows, key=lambda r: r["classes"])
         c = [r["classes"] for r in rows]
-        label = f"~{per_class} train/class"
-        mem.plot(c, [r["driver_peak_bytes"] / GiB for r in rows], "o-", label=f"driver, {label}")
-        mem.plot(c, [r["worker_peak_bytes"] / GiB for r in rows], "s--", label=f"largest worker, {label}")
-        mem.plot(c, [r["store_peak_bytes"] / GiB for r in rows], "^:", label=f"object store, {label}")
-        for stage in ("generalist", "cluster", "specialists", "evaluate"):
-            sec.plot(c, [r["stages"].get(stage, {}).get("seconds", 0) for r in rows], "o-",
+        label = f"{per_class} train/class"
+        for key, name, colour in (("driver_peak_bytes", "driver", "C0"), ("worker_peak_bytes", "largest worker", "C1"),
+                                  ("store_peak_bytes", "object store", "C2")):
+            mem.plot(c, [r[key] / GiB for r in rows], "o" + style, color=colour, label=f"{name}, {label}")
+        for stage, colour in zip(("generalist", "cluster", "specialists", "evaluate"), ("C0", "C1", "C2", "C3")):
+            sec.plot(c, [r["stages"].get(stage, {}).get("seconds", 0) for r in rows], "o" + style, color=colour,
                      label=f"{stage}, {label}")
     mem.set(xscale="log", xlabel="classes C", ylabel="peak resident memory (GiB)", title="Memory")
     sec.set(xscale="log", yscale="log", xlabel="classes C", ylabel="seconds", title="Time per stage")
@@ -213,7 +216,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--classes", type=int, nargs="+", default=[1000, 5000, 15000])
+    parser.add_argument("--classes", type=int, nargs="*", default=[1000, 5000, 15000])
     parser.add_argument("--n-scale", type=int, nargs="+", default=[1], help="multiples of --per-class")
     parser.add_argument("--per-class", type=int, default=20, help="training examples per class at scale 1")
     parser.add_argument("--config", default="configs/synthetic.yaml")
@@ -222,6 +225,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path("bench_scale.png"))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--as-is", action="store_true", help="run --config as it is: no size overrides, one run")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="figures (--json files) of earlier invocations to print and plot with this one's")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one run, figures to this file
     args = parser.parse_args()
 
@@ -232,8 +237,12 @@ def main() -> None:
         return
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_scale-"))
-    results = []
+    results = [r for path in args.merge for r in json.loads(path.read_text())]
+    if results:
+        print(_table(results), flush=True)
     sizes = [(0, 1)] if args.as_is else [(classes, scale) for scale in args.n_scale for classes in args.classes]
+    if args.merge and not args.classes:
+        sizes = []
     for classes, scale in sizes:
         folder = root / (Path(args.config).stem if args.as_is else f"C{classes}-x{scale}")
         folder.mkdir(parents=True, exist_ok=False)

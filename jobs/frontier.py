@@ -186,15 +186,18 @@ def full_models(seed: Seed, members: list[dict], tempered: bool) -> dict[str, to
             for split in SPLITS}
 
 
-def best_combination(seed: Seed, members: list[dict], specialists: list[dict]) -> dict:
+def best_combination(seed: Seed, members: list[dict], specialists: list[dict], choose: bool = True) -> dict:
     """The setting with the fewest validation errors among: tempered or not, each specialists run
-    (training variant), top_n and specialist_weight; its validation and test errors."""
+    (training variant), top_n and specialist_weight; its validation and test errors. choose=False: the
+    config's combine settings, untempered (what `specialists run` reports)."""
     candidates = []
-    for tempered in (False, True):
+    for tempered in (False, True) if choose else (False,):
         full = full_models(seed, members, tempered)
         for spec in specialists or [None]:
             if spec is None:
                 settings = [(None, None)]
+            elif not choose:
+                settings = [(seed.cfg.combine.top_n, seed.cfg.combine.specialist_weight)]
             else:
                 settings = [(n, w) for n in TOP_N for w in SPECIALIST_WEIGHTS if n <= seed.dataset.n_classes]
             classes = [torch.tensor(c) for c in spec["classes"]] if spec else []
@@ -223,6 +226,7 @@ def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=pri
     for budget in budgets:
         row = {"peer": best_combination(seed, seed.peers(budget), [])}
         row["specialists"] = best_combination(seed, [], [seed.specialists(budget, v) for v in variants])
+        row["specialists_fixed"] = best_combination(seed, [], [seed.specialists(budget, "default")], choose=False)
         hybrids = []
         for spec_budget in (b for b in budgets if b < budget):
             members = seed.peers(budget - spec_budget)
@@ -243,7 +247,8 @@ def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=pri
 
 
 METHODS = (("peer", "(a) peer ensemble"), ("specialists", "(b) generalist + specialists"),
-           ("hybrid", "(c) hybrid"))
+           ("hybrid", "(c) hybrid"),
+           ("specialists_fixed", "(b) with the config's combine settings, as `specialists run` reports it"))
 
 
 def setting_text(r: dict) -> str:
@@ -277,6 +282,12 @@ def summarise(results: dict[int, dict], budgets: list[float], title: str) -> tup
                          f"{np.mean([r['examples_x'] for r in found]):.2f}",
                          f"{np.mean([r['cpu_seconds'] for r in found]):.0f}",
                          " | ".join(setting_text(r) for r in found)])
+        worse = [(s, m) for s in seeds for m in ("specialists", "hybrid")
+                 if m in results[s]["budgets"][key]
+                 and results[s]["budgets"][key][m]["test_errors"] > results[s]["generalist"]["test_errors"]]
+        if worse:
+            rows.append([f"{budget:g}", "worse than the generalist", "", "", "",
+                         ", ".join(f"seed {s} {m}" for s, m in worse)])
         best = min(("specialists", "hybrid"), key=lambda m: means.get(m, {}).get(budget, float("inf")))
         if budget in means.get(best, {}) and budget in means.get("peer", {}):
             won = means[best][budget] < means["peer"][budget]
@@ -314,7 +325,8 @@ def main() -> None:
     write_text(out / "frontier.md", text)
     write_json(out / "frontier.json", {"config": args.config, "budgets": budgets, "seeds": args.seeds,
                                         "variants": args.variants, "results": results, **means})
-    write_bytes(out / "frontier.png", frontier_png(budgets, means["means"], means["generalist"], name))
+    plotted = {k: v for k, v in means["means"].items() if k in ("peer", "specialists", "hybrid")}
+    write_bytes(out / "frontier.png", frontier_png(budgets, plotted, means["generalist"], name))
     print(f"written: {out / 'frontier.md'}, {out / 'frontier.png'}")
 
 

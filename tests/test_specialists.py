@@ -194,16 +194,26 @@ def test_the_correction_calibrates_a_confusable_dustbin(tiny_run, tmp_path):
 
 
 def _processes_titled(title: str) -> list[int]:
-    """Pids whose command line (Ray sets a worker's to `ray::<task>` while it runs one) starts with title."""
-    pids = []
+    """Pids of this test's own Ray workers (descendants of this process: its local instance) whose command
+    line (Ray sets a worker's to `ray::<task>` while it runs one) starts with title; never another run's."""
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                    if handle.read().startswith(title.encode()):
-                        pids.append(int(entry.name))
-            except OSError:  # gone meanwhile
+                with open(f"/proc/{entry.name}/stat") as handle:
+                    children.setdefault(int(handle.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+            except (OSError, ValueError, IndexError):  # gone meanwhile
                 pass
+    pids, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().startswith(title.encode()):
+                    pids.append(pid)
+        except OSError:
+            pass
     return pids
 
 
