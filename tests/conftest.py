@@ -30,15 +30,13 @@ TINY_SYNTHETIC = [
     "train.batch_size=64",
     "train.lr=0.01",
     "threads=1",
-    # the tiny set's specialists need their whole schedule to beat its generalist: no compute budget
-    # (tests/test_hybrid.py sets one)
-    "specialists.budget=0",
 ]
 
 
 def tiny_config(*overrides: str):
-    # groups of the planted size: 4 specialists (the default, 20 classes a cluster, would make 2)
-    return load_config(None, [*TINY_SYNTHETIC, "cluster.classes_per_cluster=10", *overrides])
+    # groups of the planted size: 4 specialists (the default, 20 classes a cluster, would make 2); the tiny
+    # set's specialists need their whole schedule to beat its generalist: no compute budget (test_hybrid sets one)
+    return load_config(None, [*TINY_SYNTHETIC, "cluster.classes_per_cluster=10", "specialists.budget=0", *overrides])
 
 
 def write_csv(path: Path, rows: list[list[str]], header=("text", "intent")) -> Path:
