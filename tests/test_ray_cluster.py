@@ -129,13 +129,8 @@ def test_an_unreachable_address_fails_within_seconds(tmp_path):
     with pytest.raises(ConfigError, match=rf"ray.address='127.0.0.1:{closed}': no Ray cluster answers"):
         run_pipeline(tiny_config("specialists.enabled=true", f"ray.address=127.0.0.1:{closed}"), tmp_path / "run",
                      log=lambda s: None, progress=False)
-    assert time.monotonic() - started < 30  # the generalist trains first (~2 s); ray.init alone retries for minutes
-    # a host that does not answer (or, behind some proxies, answers but is no Ray): bounded by the timeout
-    started = time.monotonic()
-    with pytest.raises(ConfigError, match="ray.address='10.255.255.1:6379': (no Ray cluster answers|what answers)"):
-        with ray_session(RayConfig(address="10.255.255.1:6379", connect_timeout_s=1.0), log=lambda s: None):
-            pass
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # checked before the generalist trains; ray.init alone retries for minutes
+    assert not (tmp_path / "run").exists()
     assert not ray.is_initialized()
 
 
