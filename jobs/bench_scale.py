@@ -38,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+from jobs.procs import ray_processes_under
+
 STAGES = ("data", "generalist", "cluster", "specialists", "peer", "evaluate", "report")
 GiB = 2**30
 
@@ -52,30 +54,6 @@ def _status_kib(pid: int | str, field: str) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _ray_workers(root: int) -> list[int]:
-    """Pids of the processes descended from `root` whose command line is Ray's worker title, ray::..."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if handle.read().startswith(b"ray::"):
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
 
 
 class Monitor(threading.Thread):
@@ -107,7 +85,7 @@ class Monitor(threading.Thread):
         while not self._stop_event.is_set():
             now = time.perf_counter()
             self.samples.append((now, _status_kib("self", "VmRSS") * 1024))
-            for pid in _ray_workers(me):
+            for pid in ray_processes_under(me):
                 peak = _status_kib(pid, "VmHWM") * 1024
                 if peak > self.worker_peak:
                     self.worker_peak, self.worker_pid = peak, pid

@@ -39,6 +39,16 @@ def tiny_config(*overrides: str):
     return load_config(None, [*TINY_SYNTHETIC, "cluster.classes_per_cluster=10", "specialists.budget=0", *overrides])
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance (2 CPUs) for a test module that asks for it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 def write_csv(path: Path, rows: list[list[str]], header=("text", "intent")) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)

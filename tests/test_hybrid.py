@@ -6,7 +6,6 @@ run (`specialists.budget=0.5`, `combine.generalists=2`) most of the tests.
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 import specialists
@@ -25,11 +24,7 @@ from specialists.train import cross_entropy, train_model
 BUDGET = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray instance for the module
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import pytest
 import ray
 
 from conftest import REPO, TINY_SYNTHETIC, tiny_config
+from jobs.procs import ray_processes_under
 from specialists.stages import run_pipeline
 
 pytestmark = pytest.mark.slow  # two Ray nodes, a job, and a local run to compare with: a minute or more
@@ -184,29 +185,6 @@ def test_specialists_spread_over_two_nodes_equal_a_local_run(two_nodes, tmp_path
     assert cluster_section == local_section
 
 
-def _running_tasks_under(root: int) -> list[int]:
-    """Pids of `ray::train_specialist_task` processes descended from `root` (a node's `ray start`)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as handle:
-                    children.setdefault(int(handle.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if handle.read().startswith(b"ray::train_specialist_task"):
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker node's processes through /proc")
 def test_a_killed_worker_node_has_its_specialists_retried_on_the_head(two_nodes, tmp_path):
     import threading
@@ -220,7 +198,7 @@ def test_a_killed_worker_node_has_its_specialists_retried_on_the_head(two_nodes,
     def kill_the_worker_node_mid_specialist():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if _running_tasks_under(worker.pid):
+            if ray_processes_under(worker.pid, "ray::train_specialist_task"):
                 time.sleep(1.0)  # let it get into training
                 os.killpg(worker.pid, signal.SIGKILL)  # the node: its raylet, agents and workers
                 killed.append(time.time())

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from conftest import tiny_config
+from jobs.procs import ray_processes_under
 from specialists.config import ConfigError, RayConfig
 from specialists.models import create_model, load_checkpoint, with_dustbin_head
 from specialists.parallel import ray_session, train_specialists
@@ -33,11 +34,7 @@ QUIET = dict(log=lambda s: None, progress=False)
 ON = "specialists.enabled=true"  # explicit, whatever the shared tiny config says
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray instance for the module
 
 
 @pytest.fixture(scope="module")
@@ -193,30 +190,6 @@ def test_the_correction_calibrates_a_confusable_dustbin(tiny_run, tmp_path):
     assert corrected_error < 0.05 and corrected_error < raw_error / 2
 
 
-def _processes_titled(title: str) -> list[int]:
-    """Pids of this test's own Ray workers (descendants of this process: its local instance) whose command
-    line (Ray sets a worker's to `ray::<task>` while it runs one) starts with title; never another run's."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as handle:
-                    children.setdefault(int(handle.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-            except (OSError, ValueError, IndexError):  # gone meanwhile
-                pass
-    pids, todo = [], list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if handle.read().startswith(title.encode()):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds Ray's worker processes through /proc")
 def test_a_killed_worker_is_retried_and_the_run_completes(tmp_path):
     # Long enough specialists that one is still training when its worker process is SIGKILLed.
@@ -226,10 +199,10 @@ def test_a_killed_worker_is_retried_and_the_run_completes(tmp_path):
     def kill_first_specialist_worker():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            running = _processes_titled("ray::train_specialist_task")
+            running = ray_processes_under(os.getpid(), "ray::train_specialist_task")
             if running:
                 time.sleep(1.0)  # let it get into training
-                if running[0] in _processes_titled("ray::train_specialist_task"):
+                if running[0] in ray_processes_under(os.getpid(), "ray::train_specialist_task"):
                     os.kill(running[0], signal.SIGKILL)
                     killed.append(running[0])
                     return
