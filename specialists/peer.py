@@ -29,7 +29,7 @@ from .data import Dataset
 from .generalist import fit_generalist
 from .models import load_checkpoint, save_checkpoint
 from .rundir import RunDir, read_json, write_json
-from .train import predict_proba
+from .train import iter_logits
 
 MEMBER_FILE = "member.json"
 
@@ -87,25 +87,32 @@ def train_peers(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.dev
         log(f"peer {info['member']}: seed {info['seed']}, {info['epochs_run']} of {epochs} epochs, val accuracy "
             f"{info['val_accuracy']:.4f}")
 
-    folders = [run.generalist] + [run.peers / str(m["member"]) for m in members[1:]]
-    probs = {split: [] for split in ("val", "test")}
-    for folder in folders:
-        model = load_checkpoint(folder, device)
-        for split in probs:
-            probs[split].append(predict_proba(model, model.encode(getattr(dataset, split).inputs),
-                                              cfg.train.eval_batch_size, device))
+    models = [load_checkpoint(folder, device) for folder in
+              [run.generalist] + [run.peers / str(m["member"]) for m in members[1:]]]
     section = {"members": len(members), "budget_examples": budget, "examples_seen": used,
                "hybrid_full_models": cfg.combine.generalists,
                "hybrid_examples_seen": sum(m["examples_seen"] for m in members[:cfg.combine.generalists]),
                # the members trained here (1, 2, ...): their training alone, wall and this process's CPU
                "train_seconds": round(sum(m.get("seconds", 0.0) for m in members[1:]), 3),
                "cpu_seconds": round(sum(m.get("cpu_seconds", 0.0) for m in members[1:]), 3)}
-    for split, member_probs in probs.items():
-        labels = getattr(dataset, split).labels
-        correct = np.mean(member_probs, axis=0).argmax(1) == labels  # arithmetic mean of the members
-        section[f"{split}_accuracy"] = float(correct.mean())
-        section[f"{split}_errors"] = int((~correct).sum())
-        section[f"member_{split}_accuracies"] = [float((p.argmax(1) == labels).mean()) for p in member_probs]
+    for split in ("val", "test"):
+        section.update(_score(models, getattr(dataset, split), split, cfg.train.eval_batch_size, device))
     log(f"peer ensemble: {len(members)} generalists, {used:,} of {budget:,} examples, test accuracy "
         f"{section['test_accuracy']:.4f} ({section['test_errors']} errors)")
     return section
+
+
+def _score(models: list, split, name: str, batch_size: int, device: torch.device) -> dict:
+    """The arithmetic mean of the members' probabilities scored on a labelled split, batch by batch:
+    memory O(members x batch x C), never (N, C)."""
+    labels = split.labels
+    correct, member_correct = 0, np.zeros(len(models), dtype=np.int64)
+    batches = zip(*(iter_logits(m, m.encode(split.inputs), batch_size, device) for m in models))
+    for start, logits in zip(range(0, len(labels), batch_size), batches):
+        probs = np.stack([torch.softmax(z.double(), dim=1).float().cpu().numpy() for z in logits])  # (M, B, C)
+        truth = labels[start:start + probs.shape[1]]
+        correct += int((probs.mean(axis=0).argmax(1) == truth).sum())
+        member_correct += (probs.argmax(2) == truth).sum(1)
+    n = len(labels)
+    return {f"{name}_accuracy": correct / n, f"{name}_errors": n - correct,
+            f"member_{name}_accuracies": [int(c) / n for c in member_correct]}
