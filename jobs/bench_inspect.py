@@ -44,7 +44,7 @@ def usage():
 out = {"imports_peak_mb": usage()[1]}
 cpu0, wall0 = usage()[0], time.perf_counter()
 if args["task"] == "covariance":
-    from specialists.cluster import CovarianceAccumulator
+    from specialists.covariance import CovarianceAccumulator
     z = np.load(args["logits"])
     probs = torch.softmax(torch.from_numpy(z.astype(np.float32)), 1)
     del z

@@ -33,7 +33,8 @@ import time
 import numpy as np
 import torch
 
-from specialists.cluster import ConfusionClusterer, correlation_from_covariance
+from specialists.cluster import ConfusionClusterer
+from specialists.covariance import correlation_from_covariance
 from specialists.config import load_config
 from specialists.data import load_dataset
 from specialists.models import load_checkpoint

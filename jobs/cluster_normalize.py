@@ -21,7 +21,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from jobs.bench_cluster import make_confusable_probabilities
 from specialists.choices import NORMALIZATIONS
-from specialists.cluster import ConfusionClusterer, streamed_covariance
+from specialists.cluster import ConfusionClusterer
+from specialists.covariance import streamed_covariance
 
 SIZES = [10, 10, 13, 16, 4, 5, 14, 16, 7, 8, 15, 9, 7, 14, 7, 9, 12, 11, 5, 8]  # 20 groups, C = 200
 

@@ -23,7 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from specialists.config import load_config, load_distill_config
+from specialists.config import load_config
+from specialists.distill_config import load_distill_config
 from specialists.distill_run import run_distill
 from specialists.rundir import RunDir, write_json
 from specialists.stages import run_pipeline

@@ -39,7 +39,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from specialists.config import load_config, load_distill_config
+from specialists.config import load_config
+from specialists.distill_config import load_distill_config
 from specialists.distill_run import run_distill
 from specialists.rundir import RunDir, write_json
 from specialists.stages import run_pipeline

@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from specialists.config import load_distill_config
+from specialists.distill_config import load_distill_config
 from specialists.distill_run import run_distill
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"

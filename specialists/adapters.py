@@ -50,12 +50,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from .config import ConfigError
-from .models import CheckpointError, encode_arrays
+from .models import CheckpointError, encode_arrays, stored_shapes
 
 # ---------------------------------------------------------------------------
 # the pieces every adapter uses
@@ -192,11 +191,7 @@ def check_weights(net: nn.Module, path: str | Path, head: str, n_classes: int, k
     where = f"{key}={str(path)!r}"
     if not Path(path).is_file():
         raise CheckpointError(f"{where}: no such file (expected a safetensors state dict of your model)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{where} is not a safetensors file: {err}") from None
+    stored = stored_shapes(path, where)
     expected = {name: tuple(value.shape) for name, value in net.state_dict().items()}
     missing = sorted(set(expected) - set(stored) - {f"{head}.bias"})
     unexpected = sorted(set(stored) - set(expected))

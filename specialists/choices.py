@@ -1,6 +1,6 @@
 """The allowed values of every setting that names a choice: the one list of each.
 
-config.py validates settings against these tuples, and the code that acts on a
+config.py and distill_config.py validate settings against these tuples, and the code that acts on a
 choice uses the same tuple (the model registry asserts that its keys are
 `MODEL_NAMES`). This module imports nothing, so config.py stays free of torch
 and faiss and every other module may import it.
@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "sgd")  # train.train_model
 SCHEDULES = ("constant", "linear")  # train.train_model: the learning rate, constant or decaying linearly to 0
 NORMALIZATIONS = ("covariance", "correlation", "l2")  # cluster.ConfusionClusterer(normalize=...)
 ENSEMBLE_MEANS = ("arithmetic", "geometric")  # distill.ensemble_probs and combine.solve (mean=...)
-DUSTBIN_CORRECTIONS = ("prior", "paper", "none")  # how a specialist trains and stores b (specialist.py)
+DUSTBIN_CORRECTIONS = ("prior", "paper", "none")  # how a specialist trains and stores b (dustbin.py)
 DUSTBIN_MODES = ("active", "natural", "none")  # which stored correction a combiner applies (ensemble.py)
 # what a teacher run gives a distilled student (distill_run.py): generalist + specialists, the generalist alone,
 # the peer ensemble (generalist + peers/<k>/, section 4), or the hybrid (all full models + specialists)

@@ -18,7 +18,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can act on: printed as one line, exit status 2, no traceback."""
     from .config import ConfigError
     from .data import DataError
-    from .distill_run import DistillError
+    from .distill import DistillError
     from .export import ExportError
     from .inspection import InspectError
     from .models import CheckpointError
@@ -66,7 +66,7 @@ def _report(args: argparse.Namespace) -> None:
 def _distill(args: argparse.Namespace) -> None:
     import json
 
-    from .config import load_distill_config
+    from .distill_config import load_distill_config
     from .distill_run import run_distill, summary
     from .rundir import RunDir
 

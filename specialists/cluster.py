@@ -1,41 +1,39 @@
-"""Covariance of the generalist's predictions, and groups of confusable classes.
+"""Groups of confusable classes: faiss K-means on the columns of the generalist's prediction covariance.
 
 Hinton, Vinyals & Dean (2015), section 5.3: run the generalist over (unlabeled)
-data, take the C x C covariance of its predicted probabilities, and cluster the
-columns with K-means. Classes whose predictions rise and fall together are the
-ones the generalist confuses; each cluster becomes one specialist.
+data, take the C x C covariance of its predicted probabilities (covariance.py),
+and cluster the columns with K-means. Classes whose predictions rise and fall
+together are the ones the generalist confuses; each cluster becomes one
+specialist.
 
 numpy (or torch) in, groups out:
 
-    acc = CovarianceAccumulator(n_classes=C)
+    acc = CovarianceAccumulator(n_classes=C)    # covariance.py
     for probs in batches:                       # (B, C) rows summing to 1
         acc.update(probs)
     cov = acc.covariance()                      # (C, C) float64
     clusterer = ConfusionClusterer(classes_per_cluster=20, seed=0).fit(cov)
     clusterer.groups_                           # [[3, 17, 40], [5, 9], ...]
 
-The covariance is streamed (memory O(C^2), never O(N * C)) and computed with
-torch on CPU or CUDA; the clustering runs faiss K-means on CPU or GPU. Both
-backends are a parameter, not a separate code path.
+The clustering runs faiss K-means on CPU or GPU, and its torch features and
+projection on CPU or CUDA: the backend is a parameter, not a separate code path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, fields
 
 import faiss
 import numpy as np
 import torch
 
 from .choices import NORMALIZATIONS
+from .covariance import check_covariance, normalized_covariance
 
 __all__ = [
-    "NORMALIZATIONS",
     "InvalidParameterError",
-    "CovarianceAccumulator",
-    "streamed_covariance",
-    "correlation_from_covariance",
     "ConfusionClusterer",
     "clusters_to_json",
 ]
@@ -49,249 +47,6 @@ class InvalidParameterError(ValueError):
     settings from a config can prefix the section (``cluster.``). Problems with
     the covariance itself stay plain ValueErrors.
     """
-
-
-# ----------------------------------------------------------------------------
-# Streamed covariance
-# ----------------------------------------------------------------------------
-
-
-class CovarianceAccumulator:
-    """Running mean and covariance of probability rows, fed batch by batch.
-
-    Memory is O(C^2) whatever the number of rows. Each batch is centred on its
-    own mean and multiplied in ``matmul_dtype`` (the O(B * C^2) part), then
-    merged into float64 running sums with Chan, Golub & LeVeque's parallel
-    update (O(C^2) per batch). Centring before the product removes the
-    cancellation that ruins ``E[pp^T] - E[p]E[p]^T`` in float32 (a class
-    predicted near-certainly can get a negative variance), so the float32
-    product runs at the speed of the float32 matmul floor and still matches
-    float64 ``np.cov`` within 1e-5 relative, as does the mean (the tests'
-    bounds). ``matmul_dtype="float64"`` is slower on CPU. Batches sorted by
-    class (very different means) are fine: the merge is exact.
-
-    On CUDA everything stays on the GPU: the float32 product uses TF32 if
-    ``torch.backends.cuda.matmul.allow_tf32`` is set (this class does not
-    touch that global; the tests then allow 1e-4 relative), and the float64
-    running sums are memory-bound adds, cheap next to the product.
-
-    Parameters
-    ----------
-    n_classes : C, the width of every batch.
-    device : torch device for the sums ("cpu", "cuda", "cuda:1"); None = the
-        device of the first torch batch (CPU for numpy batches).
-    matmul_dtype : "float32" or "float64", dtype of the per-batch product.
-    sum_tol : rows whose sum differs from 1 by more than this are rejected.
-    validate : check every batch (finite, >= 0, rows sum to 1 within
-        ``sum_tol``). Two passes over the batch, negligible next to the product.
-
-    The covariance convention is the population one, ``np.cov(P, rowvar=False,
-    bias=True)``: divide by N.
-    """
-
-    def __init__(
-        self,
-        n_classes: int,
-        device: str | torch.device | None = None,
-        *,
-        matmul_dtype: str = "float32",
-        sum_tol: float = 1e-3,
-        validate: bool = True,
-    ):
-        if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
-            raise ValueError(f"n_classes={n_classes!r} must be a positive integer")
-        if matmul_dtype not in ("float32", "float64"):
-            raise ValueError(f"matmul_dtype={matmul_dtype!r} must be 'float32' or 'float64'")
-        if not sum_tol > 0:
-            raise ValueError(f"sum_tol={sum_tol!r} must be > 0")
-        self.n_classes = int(n_classes)
-        self.device = None if device is None else torch.device(device)
-        self.matmul_dtype = getattr(torch, matmul_dtype)
-        self.sum_tol = float(sum_tol)
-        self.validate = validate
-        self._count = 0
-        self._n_batches = 0
-        self._mean = None  # (C,) float64 on device
-        self._m2 = None  # (C, C) float64 on device: sum of centred outer products
-
-    @property
-    def count(self) -> int:
-        """Number of rows seen so far."""
-        return self._count
-
-    @property
-    def mean(self) -> np.ndarray:
-        """(C,) float64 mean probability per class."""
-        self._require_rows()
-        return self._mean.cpu().numpy()
-
-    def update(self, batch) -> "CovarianceAccumulator":
-        """Add a (B, C) numpy array or torch tensor of probabilities."""
-        index = self._n_batches
-        self._n_batches += 1
-        if self.device is None:
-            self.device = batch.device if isinstance(batch, torch.Tensor) else torch.device("cpu")
-        x = torch.as_tensor(batch)
-        if x.ndim != 2 or x.shape[1] != self.n_classes:
-            raise ValueError(
-                f"batch {index} has shape {tuple(x.shape)}, expected (B, {self.n_classes})"
-            )
-        x = x.to(device=self.device, dtype=self.matmul_dtype)
-        nb = x.shape[0]
-        if nb == 0:
-            return self
-        if self.validate:
-            self._check_batch(x, index)
-
-        # float32 reductions: float64 ones over the batch cost far more on CPU,
-        # and the mean stays within the tests' 1e-5 relative bound.
-        mean_b = x.mean(dim=0)  # (C,)
-        xc = x - mean_b  # (B, C) centred: no cancellation in the product below
-        m2_b = xc.T @ xc  # (C, C) in matmul_dtype: the O(B * C^2) part
-        del xc
-        mean_b = mean_b.to(torch.float64)
-        if self._count == 0:
-            self._mean = mean_b
-            self._m2 = m2_b.to(torch.float64)
-        else:
-            # Chan, Golub & LeVeque: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
-            n_a, n = self._count, self._count + nb
-            delta = mean_b - self._mean
-            self._mean += delta * (nb / n)
-            self._m2 += m2_b  # promotes to float64 in place
-            self._m2.addr_(delta, delta, alpha=n_a * nb / n)
-        self._count += nb
-        return self
-
-    def covariance(self) -> np.ndarray:
-        """(C, C) float64 population covariance (divide by N), exactly symmetric."""
-        self._require_rows()
-        # The float product is symmetric only up to rounding: average with the
-        # transpose (one (C, C) temporary).
-        cov = torch.add(self._m2, self._m2.T).mul_(0.5 / self._count)
-        return cov.cpu().numpy()
-
-    def _require_rows(self):
-        if self._count == 0:
-            raise ValueError("no rows accumulated yet: call update() with a non-empty batch first")
-
-    def _check_batch(self, x: torch.Tensor, index: int):
-        # Fast path: one min/max pass (NaN propagates) and one row-sum pass;
-        # locate the offending entry only when something is wrong.
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0):
-            for mask, what in ((~torch.isfinite(x), "non-finite"), (x < 0, "negative")):
-                if bool(mask.any()):
-                    r, c = (int(v) for v in torch.nonzero(mask)[0])
-                    raise ValueError(
-                        f"batch {index}, row {r} (global row {self._count + r}), class {c}: "
-                        f"{what} probability {float(x[r, c])}"
-                    )
-        off = (x.sum(dim=1) - 1.0).abs()  # (B,)
-        r = int(torch.argmax(off))
-        if float(off[r]) > self.sum_tol:
-            total = float(x[r].sum(dtype=torch.float64))
-            raise ValueError(
-                f"batch {index}, row {r} (global row {self._count + r}): probabilities sum to "
-                f"{total:.6g}, not 1 (tolerance {self.sum_tol:g})"
-            )
-
-
-def streamed_covariance(
-    batches: Iterable, n_classes: int, device: str | torch.device | None = None, **kwargs
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Covariance of probability rows streamed as (B, C) batches.
-
-    Returns ``(cov, mean, count)``: (C, C) float64 population covariance, (C,)
-    float64 mean, number of rows. ``kwargs`` go to ``CovarianceAccumulator``.
-    """
-    acc = CovarianceAccumulator(n_classes, device, **kwargs)
-    for batch in batches:
-        acc.update(batch)
-    return acc.covariance(), acc.mean, acc.count
-
-
-def correlation_from_covariance(cov) -> np.ndarray:
-    """(C, C) float64 correlation matrix from a covariance matrix.
-
-    A class with zero variance (the generalist gives it a constant
-    probability) correlates with nothing: its row and column are 0 and its
-    diagonal entry is 1.
-    """
-    return _features(_check_covariance(cov), "correlation", torch.device("cpu"), torch.float64).numpy()
-
-
-def _check_covariance(cov) -> np.ndarray:
-    """cov as a (C, C) float64 array, or a ValueError that shows what is wrong."""
-    if isinstance(cov, torch.Tensor):
-        cov = cov.detach().cpu().numpy()
-    cov = np.ascontiguousarray(cov, dtype=np.float64)
-    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
-        raise ValueError(f"covariance must be a square (C, C) matrix, got shape {cov.shape}")
-    if cov.shape[0] < 1:
-        raise ValueError("covariance is empty (C=0)")
-    t = torch.from_numpy(cov)  # shares memory; torch scans with all threads
-    lo, hi = (float(v) for v in torch.aminmax(t))  # NaN propagates
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        i, j = np.argwhere(~np.isfinite(cov))[0]
-        raise ValueError(f"covariance has a non-finite entry {cov[i, j]} at ({i}, {j})")
-    tol = 1e-6 * max(abs(lo), abs(hi)) + 1e-12
-    for i, rows in _blocks(cov.shape[0]):
-        asym = (t[rows] - t[:, rows].T).abs_()  # (b, C), no (C, C) temporary
-        r, j = divmod(int(torch.argmax(asym)), cov.shape[0])
-        if float(asym[r, j]) > tol:
-            r += i
-            raise ValueError(
-                f"covariance is not symmetric: cov[{r}, {j}]={cov[r, j]:.6g} but cov[{j}, {r}]={cov[j, r]:.6g}"
-            )
-    return cov
-
-
-def _blocks(n: int, elements: int = 2**22):
-    """(start, slice) over row blocks of an (n, n) matrix, ~``elements`` each."""
-    step = max(1, elements // n)
-    for i in range(0, n, step):
-        yield i, slice(i, min(n, i + step))
-
-
-# ----------------------------------------------------------------------------
-# Clustering
-# ----------------------------------------------------------------------------
-
-
-def _features(
-    cov: np.ndarray, normalize: str, device: torch.device, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """(C, C) points to cluster, on device: row i describes class i.
-
-    The covariance is symmetric, so row i is column i: how class i's predicted
-    probability co-varies with every class. Scaling is done in float64 block by
-    block, so tiny variances neither underflow nor need a float64 (C, C) copy.
-    """
-    t = torch.from_numpy(cov)  # (C, C) float64, shared
-    n = cov.shape[0]
-    row_scale = col_scale = None
-    if normalize == "correlation":
-        sd = torch.from_numpy(np.sqrt(np.clip(np.diag(cov), 0.0, None)))
-        row_scale = col_scale = torch.where(sd > 0, 1.0 / sd, 0.0)
-    elif normalize == "l2":  # unit-length columns, compared by angle
-        norms = torch.linalg.vector_norm(t, dim=1)
-        row_scale = torch.where(norms > 0, 1.0 / norms, 0.0)
-    x = torch.empty((n, n), dtype=dtype, device=device)
-    for _, rows in _blocks(n):
-        block = t[rows]
-        if row_scale is not None:
-            block = block * row_scale[rows, None]
-        if col_scale is not None:
-            block = block * col_scale[None, :]
-        x[rows] = block.to(device=device, dtype=dtype)
-    if normalize == "correlation":
-        x.clamp_(-1.0, 1.0).fill_diagonal_(1.0)
-    elif normalize == "l2":
-        # A class with zero variance co-varies with nothing: only with itself.
-        dead = torch.nonzero(norms == 0).flatten().to(device)
-        x[dead, dead] = 1.0
-    return x
 
 
 def _project(a: torch.Tensor, rank: int, *, seed: int, symmetric: bool, n_iter: int = 4) -> torch.Tensor:
@@ -333,6 +88,7 @@ def _sq_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.clip(d, 0.0, None)
 
 
+@dataclass(eq=False)  # eq=False: compared and hashed by identity, as an estimator
 class ConfusionClusterer:
     """Groups of classes that the generalist confuses, one group per specialist.
 
@@ -397,58 +153,36 @@ class ConfusionClusterer:
     inertia_ : final K-means objective reported by faiss.
     """
 
-    def __init__(
-        self,
-        n_clusters: int | None = None,
-        *,
-        classes_per_cluster: int | None = None,
-        max_cluster_size: int | None = None,
-        min_cluster_size: int = 2,
-        overlap: int = 1,
-        overlap_ratio: float = 1.5,
-        normalize: str = "l2",
-        n_components: int | None = None,
-        niter: int = 25,
-        nredo: int = 5,
-        seed: int = 0,
-        use_gpu: bool | str = "auto",
-    ):
-        self.n_clusters = n_clusters
-        self.classes_per_cluster = classes_per_cluster
-        self.max_cluster_size = max_cluster_size
-        self.min_cluster_size = min_cluster_size
-        self.overlap = overlap
-        self.overlap_ratio = overlap_ratio
-        self.normalize = normalize
-        self.n_components = n_components
-        self.niter = niter
-        self.nredo = nredo
-        self.seed = seed
-        self.use_gpu = use_gpu
-
-    _PARAMS = (
-        "n_clusters", "classes_per_cluster", "max_cluster_size", "min_cluster_size", "overlap",
-        "overlap_ratio", "normalize", "n_components", "niter", "nredo", "seed", "use_gpu",
-    )
+    # The settings, stored as given (scikit-learn's rule); the fields are the one list of them.
+    n_clusters: int | None = None
+    _: KW_ONLY
+    classes_per_cluster: int | None = None
+    max_cluster_size: int | None = None
+    min_cluster_size: int = 2
+    overlap: int = 1
+    overlap_ratio: float = 1.5
+    normalize: str = "l2"
+    n_components: int | None = None
+    niter: int = 25
+    nredo: int = 5
+    seed: int = 0
+    use_gpu: bool | str = "auto"
 
     def get_params(self, deep: bool = True) -> dict:
         """The settings, as given to ``__init__`` (``deep`` is accepted for
         scikit-learn; no setting is itself an estimator)."""
-        return {name: getattr(self, name) for name in self._PARAMS}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def set_params(self, **params) -> "ConfusionClusterer":
         """Change settings (checked by the next ``fit``, as in scikit-learn); returns self."""
-        unknown = sorted(set(params) - set(self._PARAMS))
+        known = [f.name for f in fields(self)]
+        unknown = sorted(set(params) - set(known))
         if unknown:
             raise InvalidParameterError(f"ConfusionClusterer has no setting {', '.join(map(repr, unknown))}; "
-                             f"known: {list(self._PARAMS)}")
+                             f"known: {known}")
         for name, value in params.items():
             setattr(self, name, value)
         return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"ConfusionClusterer({args})"
 
     # -- validation ---------------------------------------------------------
 
@@ -511,14 +245,14 @@ class ConfusionClusterer:
 
     def fit(self, cov) -> "ConfusionClusterer":
         """Cluster the classes of a (C, C) prediction covariance."""
-        cov = _check_covariance(cov)
+        cov = check_covariance(cov)
         n_classes = cov.shape[0]
         k = self._resolve_k(n_classes)
         gpu = self._gpu()  # faiss on GPU
         # The torch part (features, projection) uses CUDA whenever allowed and
         # present, even with a CPU-only faiss build.
         device = torch.device("cuda" if self.use_gpu is not False and torch.cuda.is_available() else "cpu")
-        x = _features(cov, self.normalize, device)  # (C, C) float32, row i = class i
+        x = normalized_covariance(cov, self.normalize, device)  # (C, C) float32, row i = class i
         del cov
         n_components = min(n_classes, k if self.n_components is None else int(self.n_components))
         if n_components < n_classes:

@@ -90,10 +90,7 @@ def solve(
     active: Tensor,
     general_weights: Tensor | None = None,
     specialist_weights: Tensor | None = None,
-    *,
-    mean: str = "arithmetic",
-    tol: float = 1e-12,
-    max_iter: int = 50,
+    **options,
 ) -> Tensor:
     """Exact minimiser q of J for every example, (N, C), in general_probs' dtype and device.
 
@@ -101,10 +98,7 @@ def solve(
     where specialist m is inactive are ignored. specialist_classes[m]: (k_m,)
     class indices. active: (N, M) bool. general_weights: (G,), specialist_weights:
     (M,), default all ones; weights are not normalised (a specialist of weight 2
-    counts as two). tol: relative KKT residual |r_m D_m / a_m - 1| at which the
-    Newton iteration stops; max_iter caps it. A RuntimeWarning names the
-    examples left with more than max(tol, 1e-8) of their total weight W of
-    dustbin mass misplaced, max_m |r_m D_m - a_m| / W, and the largest such.
+    counts as two). options: `solve_rows`'s mean, tol and max_iter.
 
     Math (mean="arithmetic"). Write b_c = sum_g w_g p_gc + sum_{m active, c in S_m}
     w_m p_mc, a_m = w_m d_m (d_m: dustbin probability), W = sum_c b_c + sum_m a_m.
@@ -128,10 +122,7 @@ def solve(
     """
     general = _as_general(general_probs)
     probs, rows = _dense_to_rows(specialist_probs, specialist_classes, active, general)
-    return solve_rows(
-        general, probs, specialist_classes, rows, general_weights, specialist_weights,
-        mean=mean, tol=tol, max_iter=max_iter,
-    )
+    return solve_rows(general, probs, specialist_classes, rows, general_weights, specialist_weights, **options)
 
 
 def solve_rows(
@@ -152,6 +143,11 @@ def solve_rows(
     active; specialist_probs[m]: (P_m, k_m + 1) its outputs on those examples.
     This is what inference produces (run specialist m on its P_m examples only)
     and what keeps memory at O(N C + sum_m P_m k_m). Returns (N, C).
+
+    mean: see `solve`. tol: relative KKT residual |r_m D_m / a_m - 1| at which
+    the Newton iteration stops; max_iter caps it. A RuntimeWarning names the
+    examples left with more than max(tol, 1e-8) of their total weight W of
+    dustbin mass misplaced, max_m |r_m D_m - a_m| / W, and the largest such.
     """
     _check_mean(mean)
     problem = _Problem.build(
@@ -167,61 +163,32 @@ def solve_rows(
     return _solve_arithmetic(problem, tol, max_iter)
 
 
-def objective(
-    q: Tensor,
-    general_probs: Tensor,
-    specialist_probs: Sequence[Tensor],
-    specialist_classes: Sequence[Tensor],
-    active: Tensor,
-    general_weights: Tensor | None = None,
-    specialist_weights: Tensor | None = None,
-    *,
-    mean: str = "arithmetic",
-) -> Tensor:
-    """J(q) per example, (N,) float64; q: (N, C).
+def objective(q: Tensor, *inputs, mean: str = "arithmetic", **named_inputs) -> Tensor:
+    """J(q) per example, (N,) float64; q: (N, C); inputs: `solve`'s, by position or name.
 
     mean="arithmetic": J = sum_g w_g KL(p_g || q) + sum_{m active} w_m KL(p_m || A_m q),
     with 0 log 0 = 0 and q clamped at 1e-300 inside log q. mean="geometric":
     the same with every KL reversed, KL(q || p) (inf where q puts mass on a
     class that a model gives probability 0).
     """
-    _check_mean(mean)
-    problem = _Problem.build_dense(
-        general_probs, specialist_probs, specialist_classes, active,
-        general_weights, specialist_weights,
-    )
+    problem = _dense_problem(mean, inputs, named_inputs)
     shape = (problem.n_examples, problem.n_classes)
     if tuple(q.shape) != shape:
         raise ValueError(f"q has shape {tuple(q.shape)}, expected (N, C) = {shape}")
     return _objective(q, problem, mean)
 
 
-def solve_reference(
-    general_probs: Tensor,
-    specialist_probs: Sequence[Tensor],
-    specialist_classes: Sequence[Tensor],
-    active: Tensor,
-    general_weights: Tensor | None = None,
-    specialist_weights: Tensor | None = None,
-    *,
-    mean: str = "arithmetic",
-    steps: int = 200,
-    lr: float = 0.3,
-    polish_steps: int = 1000,
-) -> Tensor:
+def solve_reference(*inputs, mean: str = "arithmetic", steps: int = 200, lr: float = 0.3, polish_steps: int = 1000,
+                    **named_inputs) -> Tensor:
     """Minimise J by gradient descent on the logits of q, as the paper does; (N, C).
 
-    Float64, from uniform q: `steps` Adam steps on all examples at once (cosine
+    inputs: `solve`'s, by position or name. Float64, from uniform q: `steps` Adam steps on all examples at once (cosine
     learning rate from `lr` to 0), then up to `polish_steps` L-BFGS iterations
     on each example alone (one L-BFGS over the whole batch shares its step
     sizes and curvature pairs across examples and stalls). Slow: for tests and
     benchmarks of the exact solvers.
     """
-    _check_mean(mean)
-    problem = _Problem.build_dense(
-        general_probs, specialist_probs, specialist_classes, active,
-        general_weights, specialist_weights,
-    )
+    problem = _dense_problem(mean, inputs, named_inputs)
     shape = (problem.n_examples, problem.n_classes)
     logits = torch.zeros(shape, dtype=torch.float64, device=problem.device, requires_grad=True)
     adam = torch.optim.Adam([logits], lr=lr)
@@ -268,6 +235,12 @@ def _lbfgs_logits(logits: Tensor, problem: _Problem, mean: str, max_iter: int) -
 def _check_mean(mean: str) -> None:
     if mean not in ENSEMBLE_MEANS:
         raise ValueError(f"mean={mean!r} must be one of {ENSEMBLE_MEANS}")
+
+
+def _dense_problem(mean: str, inputs: tuple, named_inputs: dict) -> _Problem:
+    """The validated problem of `solve`'s inputs, given by position (inputs) or name (named_inputs)."""
+    _check_mean(mean)
+    return _Problem.build_dense(*inputs, **named_inputs)
 
 
 def _as_general(general_probs: Tensor) -> Tensor:
@@ -450,7 +423,7 @@ class _Problem:
 
     @staticmethod
     def build_dense(general_probs, specialist_probs, specialist_classes, active,
-                    general_weights, specialist_weights) -> _Problem:
+                    general_weights=None, specialist_weights=None) -> _Problem:
         general = _as_general(general_probs)
         probs, rows = _dense_to_rows(specialist_probs, specialist_classes, active, general)
         return _Problem.build(general, probs, specialist_classes, rows, general_weights, specialist_weights)

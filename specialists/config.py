@@ -1,6 +1,7 @@
 """Typed run configuration: defaults in code, YAML overrides, `a.b=value` overrides.
 
-Every stage reads one frozen dataclass. `load_config` merges, in order, the code
+Every stage of `specialists run` reads one frozen dataclass of this file
+(`specialists distill` reads those of distill_config.py, loaded the same way). `load_config` merges, in order, the code
 defaults, a YAML file and command-line overrides, and rejects unknown keys,
 wrong types and impossible values with a message naming the key and value.
 """
@@ -25,19 +26,13 @@ from .choices import (  # the one list of each choice; choices.py imports nothin
     DEVICES,
     DUSTBIN_CORRECTIONS,
     DUSTBIN_MODES,
-    ENSEMBLE_MEANS,
     LABELLED_SIGNALS,
     MODEL_NAMES,
     NORMALIZATIONS,
     OPTIMIZERS,
     SCHEDULES,
-    ARRAY_AUGMENTATIONS,
-    STUDENT_INITS,
-    TEACHER_SOURCES,
-    TEXT_AUGMENTATIONS,
     USER_MODELS,
 )
-from .rundir import RunDir
 
 
 class ConfigError(ValueError):
@@ -53,7 +48,8 @@ MAX_BUCKETS = 1 << 26  # hashed n-gram rows
 MAX_TABLE = 1 << 31  # weights of the embedding table (8 GiB of float32)
 
 
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+    """ConfigError `key=value: why` unless `ok` (every config's validate uses it)."""
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
 
@@ -79,19 +75,19 @@ class SyntheticConfig:
     frequency_skew: float = 0.0  # 0: balanced classes; >0: Zipf-like class frequencies
 
     def validate(self, prefix: str) -> None:
-        _require(self.n_classes >= 2, f"{prefix}.n_classes", self.n_classes, "need at least 2 classes")
-        _require(1 <= self.n_groups <= self.n_classes, f"{prefix}.n_groups", self.n_groups,
+        require(self.n_classes >= 2, f"{prefix}.n_classes", self.n_classes, "need at least 2 classes")
+        require(1 <= self.n_groups <= self.n_classes, f"{prefix}.n_groups", self.n_groups,
                  f"must be between 1 and n_classes={self.n_classes}")
-        _require(self.n_features >= 1, f"{prefix}.n_features", self.n_features, "must be >= 1")
-        _require(1 <= self.subspace_dim <= self.n_features, f"{prefix}.subspace_dim", self.subspace_dim,
+        require(self.n_features >= 1, f"{prefix}.n_features", self.n_features, "must be >= 1")
+        require(1 <= self.subspace_dim <= self.n_features, f"{prefix}.subspace_dim", self.subspace_dim,
                  f"must be between 1 and n_features={self.n_features}")
-        _require(self.train_per_class >= 2, f"{prefix}.train_per_class", self.train_per_class,
+        require(self.train_per_class >= 2, f"{prefix}.train_per_class", self.train_per_class,
                  "need >= 2 so a validation split can be carved")
-        _require(self.test_per_class >= 1, f"{prefix}.test_per_class", self.test_per_class, "must be >= 1")
+        require(self.test_per_class >= 1, f"{prefix}.test_per_class", self.test_per_class, "must be >= 1")
         for name in ("group_spread", "class_spread", "noise"):
             value = getattr(self, name)
-            _require(value > 0, f"{prefix}.{name}", value, "must be > 0")
-        _require(self.frequency_skew >= 0, f"{prefix}.frequency_skew", self.frequency_skew, "must be >= 0")
+            require(value > 0, f"{prefix}.{name}", value, "must be > 0")
+        require(self.frequency_skew >= 0, f"{prefix}.frequency_skew", self.frequency_skew, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -114,20 +110,20 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, prefix: str = "data") -> None:
-        _require(self.kind in DATA_KINDS, f"{prefix}.kind", self.kind, f"must be one of {DATA_KINDS}")
-        _require(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
-        _require(self.max_train >= 0, f"{prefix}.max_train", self.max_train, "must be >= 0 (0 = all)")
-        _require(self.holdout_folds == 0 or 2 <= self.holdout_folds <= 20, f"{prefix}.holdout_folds",
+        require(self.kind in DATA_KINDS, f"{prefix}.kind", self.kind, f"must be one of {DATA_KINDS}")
+        require(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
+        require(self.max_train >= 0, f"{prefix}.max_train", self.max_train, "must be >= 0 (0 = all)")
+        require(self.holdout_folds == 0 or 2 <= self.holdout_folds <= 20, f"{prefix}.holdout_folds",
                  self.holdout_folds, "must be 0 (off) or in [2, 20]")
-        _require(0 <= self.holdout_fold < max(self.holdout_folds, 1), f"{prefix}.holdout_fold", self.holdout_fold,
+        require(0 <= self.holdout_fold < max(self.holdout_folds, 1), f"{prefix}.holdout_fold", self.holdout_fold,
                  f"must be in [0, holdout_folds={self.holdout_folds})")
         if self.kind == "csv_text":
-            _require(bool(self.train), f"{prefix}.train", self.train, "a CSV path is required")
-            _require(bool(self.test), f"{prefix}.test", self.test, "a CSV path is required")
-            _require(bool(self.text_column), f"{prefix}.text_column", self.text_column, "must not be empty")
-            _require(bool(self.label_column), f"{prefix}.label_column", self.label_column, "must not be empty")
+            require(bool(self.train), f"{prefix}.train", self.train, "a CSV path is required")
+            require(bool(self.test), f"{prefix}.test", self.test, "a CSV path is required")
+            require(bool(self.text_column), f"{prefix}.text_column", self.text_column, "must not be empty")
+            require(bool(self.label_column), f"{prefix}.label_column", self.label_column, "must not be empty")
         if self.kind in ("npz", "mnist"):
-            _require(bool(self.path), f"{prefix}.path", self.path, f"a path is required for kind={self.kind}")
+            require(bool(self.path), f"{prefix}.path", self.path, f"a path is required for kind={self.kind}")
         self.synthetic.validate(f"{prefix}.synthetic")
 
 
@@ -156,39 +152,39 @@ class ModelConfig:
     fine_tune: bool = False  # with weights: false uses them as they are (not trained here); true trains on, with train.*
 
     def validate(self, prefix: str = "model") -> None:
-        _require(self.name in MODEL_NAMES, f"{prefix}.name", self.name, f"must be one of {MODEL_NAMES}")
+        require(self.name in MODEL_NAMES, f"{prefix}.name", self.name, f"must be one of {MODEL_NAMES}")
         user = self.name in USER_MODELS
-        _require(self.name == "torch" or not self.factory, f"{prefix}.factory", self.factory,
+        require(self.name == "torch" or not self.factory, f"{prefix}.factory", self.factory,
                  f"is read only with {prefix}.name=torch (here {self.name})")
-        _require(self.name == "torch" or not self.factory_args, f"{prefix}.factory_args", self.factory_args,
+        require(self.name == "torch" or not self.factory_args, f"{prefix}.factory_args", self.factory_args,
                  f"is read only with {prefix}.name=torch (here {self.name})")
-        _require(self.name != "torch" or bool(_FACTORY.fullmatch(self.factory)), f"{prefix}.factory", self.factory,
+        require(self.name != "torch" or bool(_FACTORY.fullmatch(self.factory)), f"{prefix}.factory", self.factory,
                  "model.name=torch needs 'module:callable', the function or class that builds your network, "
                  "e.g. my_pkg.nets:build")
-        _require(self.name == "timm" or not self.arch, f"{prefix}.arch", self.arch,
+        require(self.name == "timm" or not self.arch, f"{prefix}.arch", self.arch,
                  f"is read only with {prefix}.name=timm (here {self.name})")
-        _require(self.name != "timm" or bool(self.arch), f"{prefix}.arch", self.arch,
+        require(self.name != "timm" or bool(self.arch), f"{prefix}.arch", self.arch,
                  "model.name=timm needs the architecture, e.g. resnet18")
-        _require(user or not self.weights, f"{prefix}.weights", self.weights,
+        require(user or not self.weights, f"{prefix}.weights", self.weights,
                  f"is read only for a model you bring ({'|'.join(USER_MODELS)}); {self.name} trains here")
-        _require(self.name != "hf" or bool(self.weights), f"{prefix}.weights", self.weights,
+        require(self.name != "hf" or bool(self.weights), f"{prefix}.weights", self.weights,
                  "model.name=hf needs the folder save_pretrained wrote (config.json, model.safetensors, tokenizer.json)")
-        _require(not self.fine_tune or bool(self.weights), f"{prefix}.fine_tune", self.fine_tune,
+        require(not self.fine_tune or bool(self.weights), f"{prefix}.fine_tune", self.fine_tune,
                  f"needs {prefix}.weights to start from (without weights the generalist is trained from scratch)")
-        _require(all(1 <= h <= MAX_WIDTH for h in self.hidden), f"{prefix}.hidden", self.hidden,
+        require(all(1 <= h <= MAX_WIDTH for h in self.hidden), f"{prefix}.hidden", self.hidden,
                  f"every width must be in [1, {MAX_WIDTH}]")
-        _require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
-        _require(0 <= self.input_dropout < 1, f"{prefix}.input_dropout", self.input_dropout, "must be in [0, 1)")
-        _require(1 <= self.embed_dim <= MAX_WIDTH, f"{prefix}.embed_dim", self.embed_dim,
+        require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        require(0 <= self.input_dropout < 1, f"{prefix}.input_dropout", self.input_dropout, "must be in [0, 1)")
+        require(1 <= self.embed_dim <= MAX_WIDTH, f"{prefix}.embed_dim", self.embed_dim,
                  f"must be in [1, {MAX_WIDTH}]")
-        _require(16 <= self.buckets <= MAX_BUCKETS, f"{prefix}.buckets", self.buckets, f"must be in [16, {MAX_BUCKETS}]")
-        _require(self.buckets * self.embed_dim <= MAX_TABLE, f"{prefix}.buckets", self.buckets,
+        require(16 <= self.buckets <= MAX_BUCKETS, f"{prefix}.buckets", self.buckets, f"must be in [16, {MAX_BUCKETS}]")
+        require(self.buckets * self.embed_dim <= MAX_TABLE, f"{prefix}.buckets", self.buckets,
                  f"with {prefix}.embed_dim={self.embed_dim} the embedding table would have "
                  f"{self.buckets * self.embed_dim} weights, over {MAX_TABLE}")
-        _require(self.ngrams >= 1, f"{prefix}.ngrams", self.ngrams, "must be >= 1")
-        _require(0 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
+        require(self.ngrams >= 1, f"{prefix}.ngrams", self.ngrams, "must be >= 1")
+        require(0 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
                  "must be in [0, 8] (0 = off; 2 or 3 for text without spaces)")
-        _require(0 <= self.jitter <= 64, f"{prefix}.jitter", self.jitter, "must be in [0, 64] pixels")
+        require(0 <= self.jitter <= 64, f"{prefix}.jitter", self.jitter, "must be in [0, 64] pixels")
 
 
 @dataclass(frozen=True)
@@ -206,15 +202,15 @@ class TrainConfig:
     schedule: str = "constant"  # learning rate: constant | linear (to 0 over the epochs, or a budget's examples)
 
     def validate(self, prefix: str = "train") -> None:
-        _require(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "must be >= 1")
-        _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
-        _require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
-        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.optimizer in OPTIMIZERS, f"{prefix}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
-        _require(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "must be in [0, 1)")
-        _require(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
-        _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, "must be >= 1")
-        _require(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule, f"must be one of {SCHEDULES}")
+        require(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "must be >= 1")
+        require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.optimizer in OPTIMIZERS, f"{prefix}.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        require(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "must be in [0, 1)")
+        require(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
+        require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        require(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule, f"must be one of {SCHEDULES}")
 
 
 @dataclass(frozen=True)
@@ -246,30 +242,30 @@ class ClusterConfig:
     folds: int = 5  # out_of_fold: generalists trained, each predicting the fold it did not see
 
     def validate(self, prefix: str = "cluster") -> None:
-        _require(self.n_clusters >= 0, f"{prefix}.n_clusters", self.n_clusters, "must be >= 0 (0 = from classes_per_cluster)")
-        _require(self.classes_per_cluster >= 1, f"{prefix}.classes_per_cluster", self.classes_per_cluster, "must be >= 1")
-        _require(self.max_cluster_size >= 0, f"{prefix}.max_cluster_size", self.max_cluster_size, "must be >= 0 (0 = no limit)")
-        _require(self.min_cluster_size >= 1, f"{prefix}.min_cluster_size", self.min_cluster_size, "must be >= 1")
-        _require(self.max_cluster_size == 0 or self.max_cluster_size >= self.min_cluster_size,
+        require(self.n_clusters >= 0, f"{prefix}.n_clusters", self.n_clusters, "must be >= 0 (0 = from classes_per_cluster)")
+        require(self.classes_per_cluster >= 1, f"{prefix}.classes_per_cluster", self.classes_per_cluster, "must be >= 1")
+        require(self.max_cluster_size >= 0, f"{prefix}.max_cluster_size", self.max_cluster_size, "must be >= 0 (0 = no limit)")
+        require(self.min_cluster_size >= 1, f"{prefix}.min_cluster_size", self.min_cluster_size, "must be >= 1")
+        require(self.max_cluster_size == 0 or self.max_cluster_size >= self.min_cluster_size,
                  f"{prefix}.max_cluster_size", self.max_cluster_size, f"must be >= min_cluster_size={self.min_cluster_size}")
-        _require(self.overlap >= 1, f"{prefix}.overlap", self.overlap, "must be >= 1")
-        _require(self.overlap_ratio >= 1, f"{prefix}.overlap_ratio", self.overlap_ratio, "must be >= 1")
-        _require(self.normalize in NORMALIZATIONS, f"{prefix}.normalize", self.normalize,
+        require(self.overlap >= 1, f"{prefix}.overlap", self.overlap, "must be >= 1")
+        require(self.overlap_ratio >= 1, f"{prefix}.overlap_ratio", self.overlap_ratio, "must be >= 1")
+        require(self.normalize in NORMALIZATIONS, f"{prefix}.normalize", self.normalize,
                  f"must be one of {NORMALIZATIONS}")
-        _require(self.niter >= 1, f"{prefix}.niter", self.niter, "must be >= 1")
-        _require(self.nredo >= 1, f"{prefix}.nredo", self.nredo, "must be >= 1")
-        _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
-        _require(bool(self.split), f"{prefix}.split", self.split, "must be val, train, test or a file path")
-        _require(self.signal in CLUSTER_SIGNALS, f"{prefix}.signal", self.signal, f"must be one of {CLUSTER_SIGNALS}")
-        _require(0 < self.temperature < float("inf"), f"{prefix}.temperature", self.temperature,
+        require(self.niter >= 1, f"{prefix}.niter", self.niter, "must be >= 1")
+        require(self.nredo >= 1, f"{prefix}.nredo", self.nredo, "must be >= 1")
+        require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        require(bool(self.split), f"{prefix}.split", self.split, "must be val, train, test or a file path")
+        require(self.signal in CLUSTER_SIGNALS, f"{prefix}.signal", self.signal, f"must be one of {CLUSTER_SIGNALS}")
+        require(0 < self.temperature < float("inf"), f"{prefix}.temperature", self.temperature,
                  "must be a finite number > 0")
-        _require(self.folds >= 2, f"{prefix}.folds", self.folds, "must be >= 2")
+        require(self.folds >= 2, f"{prefix}.folds", self.folds, "must be >= 2")
         unlabeled = self.split not in ("val", "train", "test")
-        _require(not (unlabeled and self.signal in LABELLED_SIGNALS), f"{prefix}.signal", self.signal,
+        require(not (unlabeled and self.signal in LABELLED_SIGNALS), f"{prefix}.signal", self.signal,
                  f"reads labels, but {prefix}.split={self.split!r} is an unlabeled file; use a signal that needs "
                  "no labels (probs, tempered, head) "
                  f"or {prefix}.split=val|train|test")
-        _require(not (unlabeled and self.signal == "train_tempered"), f"{prefix}.signal", self.signal,
+        require(not (unlabeled and self.signal == "train_tempered"), f"{prefix}.signal", self.signal,
                  f"reads the training split, so {prefix}.split={self.split!r} would go unused; "
                  f"use {prefix}.signal=tempered to read the file")
 
@@ -306,20 +302,20 @@ class SpecialistsConfig:
     schedule: str = ""  # "": train.schedule; linear: the learning rate decays to 0 over each one's budget share
 
     def validate(self, prefix: str = "specialists") -> None:
-        _require(0 < self.special_fraction < 1, f"{prefix}.special_fraction", self.special_fraction,
+        require(0 < self.special_fraction < 1, f"{prefix}.special_fraction", self.special_fraction,
                  "must be in (0, 1): the rest of each epoch comes from the other classes")
-        _require(0 <= self.soft_weight <= 1, f"{prefix}.soft_weight", self.soft_weight, "must be in [0, 1]")
-        _require(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
-        _require(self.dustbin_correction in DUSTBIN_CORRECTIONS, f"{prefix}.dustbin_correction",
+        require(0 <= self.soft_weight <= 1, f"{prefix}.soft_weight", self.soft_weight, "must be in [0, 1]")
+        require(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
+        require(self.dustbin_correction in DUSTBIN_CORRECTIONS, f"{prefix}.dustbin_correction",
                  self.dustbin_correction, f"must be one of {DUSTBIN_CORRECTIONS}")
-        _require(self.epochs >= 0, f"{prefix}.epochs", self.epochs, "must be >= 0 (0 = train.epochs)")
-        _require(self.batch_size >= 0, f"{prefix}.batch_size", self.batch_size, "must be >= 0 (0 = train.batch_size)")
-        _require(self.lr >= 0, f"{prefix}.lr", self.lr, "must be >= 0 (0 = train.lr)")
-        _require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
-        _require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
-        _require(self.schedule in ("", *SCHEDULES), f"{prefix}.schedule", self.schedule,
+        require(self.epochs >= 0, f"{prefix}.epochs", self.epochs, "must be >= 0 (0 = train.epochs)")
+        require(self.batch_size >= 0, f"{prefix}.batch_size", self.batch_size, "must be >= 0 (0 = train.batch_size)")
+        require(self.lr >= 0, f"{prefix}.lr", self.lr, "must be >= 0 (0 = train.lr)")
+        require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
+        require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
+        require(self.schedule in ("", *SCHEDULES), f"{prefix}.schedule", self.schedule,
                  f"must be one of {SCHEDULES}, or empty for train.schedule")
-        _require(self.budget >= 0, f"{prefix}.budget", self.budget,
+        require(self.budget >= 0, f"{prefix}.budget", self.budget,
                  "must be >= 0: extra examples as a fraction of the generalist's (0 = no budget)")
 
 
@@ -340,16 +336,16 @@ class RayConfig:
         if address not in ("", "auto"):
             hostport = address[len("ray://"):] if address.startswith("ray://") else address
             host, _, port = hostport.rpartition(":")
-            _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"{prefix}.address", self.address,
+            require(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"{prefix}.address", self.address,
                      "must be empty (local), 'auto', 'host:port' or 'ray://host:port'")
-        _require(self.num_cpus >= 0, f"{prefix}.num_cpus", self.num_cpus, "must be >= 0 (0 = all)")
-        _require(self.cpus_per_task > 0, f"{prefix}.cpus_per_task", self.cpus_per_task, "must be > 0")
-        _require(self.num_cpus == 0 or self.cpus_per_task <= self.num_cpus, f"{prefix}.cpus_per_task",
+        require(self.num_cpus >= 0, f"{prefix}.num_cpus", self.num_cpus, "must be >= 0 (0 = all)")
+        require(self.cpus_per_task > 0, f"{prefix}.cpus_per_task", self.cpus_per_task, "must be > 0")
+        require(self.num_cpus == 0 or self.cpus_per_task <= self.num_cpus, f"{prefix}.cpus_per_task",
                  self.cpus_per_task, f"must be <= ray.num_cpus={self.num_cpus}, or no specialist could start")
-        _require(0 <= self.gpus_per_task <= 1, f"{prefix}.gpus_per_task", self.gpus_per_task,
+        require(0 <= self.gpus_per_task <= 1, f"{prefix}.gpus_per_task", self.gpus_per_task,
                  "must be in [0, 1]: a specialist trains on one device (0.5: two share a GPU)")
-        _require(self.max_retries >= -1, f"{prefix}.max_retries", self.max_retries, "must be >= -1 (-1 = forever)")
-        _require(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "must be > 0")
+        require(self.max_retries >= -1, f"{prefix}.max_retries", self.max_retries, "must be >= -1 (-1 = forever)")
+        require(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -367,10 +363,10 @@ class CombineConfig:
     generalists: int = 1
 
     def validate(self, prefix: str = "combine") -> None:
-        _require(self.top_n >= 1, f"{prefix}.top_n", self.top_n, "must be >= 1")
-        _require(self.dustbin in DUSTBIN_MODES, f"{prefix}.dustbin", self.dustbin, f"must be one of {DUSTBIN_MODES}")
-        _require(self.specialist_weight > 0, f"{prefix}.specialist_weight", self.specialist_weight, "must be > 0")
-        _require(self.generalists >= 1, f"{prefix}.generalists", self.generalists,
+        require(self.top_n >= 1, f"{prefix}.top_n", self.top_n, "must be >= 1")
+        require(self.dustbin in DUSTBIN_MODES, f"{prefix}.dustbin", self.dustbin, f"must be one of {DUSTBIN_MODES}")
+        require(self.specialist_weight > 0, f"{prefix}.specialist_weight", self.specialist_weight, "must be > 0")
+        require(self.generalists >= 1, f"{prefix}.generalists", self.generalists,
                  "must be >= 1 (1 = the generalist alone with the specialists)")
 
 
@@ -384,7 +380,7 @@ class PeerConfig:
     max_members: int = 8  # the run's own generalist included
 
     def validate(self, prefix: str = "peer") -> None:
-        _require(self.max_members >= 2, f"{prefix}.max_members", self.max_members, "must be >= 2")
+        require(self.max_members >= 2, f"{prefix}.max_members", self.max_members, "must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -404,9 +400,9 @@ class RunConfig:
     peer: PeerConfig = field(default_factory=PeerConfig)
 
     def validate(self) -> None:
-        _require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
-        _require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
-        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = default)")
+        require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
+        require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = default)")
         self.data.validate()
         self.model.validate()
         self.train.validate()
@@ -415,13 +411,13 @@ class RunConfig:
         self.ray.validate()
         self.combine.validate()
         self.peer.validate()
-        _require(self.specialists.widen == 1 or self.model.name not in USER_MODELS, "specialists.widen",
+        require(self.specialists.widen == 1 or self.model.name not in USER_MODELS, "specialists.widen",
                  self.specialists.widen, f"must be 1 with model.name={self.model.name}: a model you bring keeps its "
                  "architecture")
-        _require(self.combine.generalists == 1 or self.peer.enabled, "combine.generalists", self.combine.generalists,
+        require(self.combine.generalists == 1 or self.peer.enabled, "combine.generalists", self.combine.generalists,
                  "needs peer.enabled=true: full models beyond the generalist are peer members (without the peer "
                  "stage there is 1 full model)")
-        _require(self.combine.generalists <= self.peer.max_members, "combine.generalists", self.combine.generalists,
+        require(self.combine.generalists <= self.peer.max_members, "combine.generalists", self.combine.generalists,
                  f"must be <= peer.max_members={self.peer.max_members} (the generalist and peer members)")
 
 
@@ -570,208 +566,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 
 def dump_config(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------
-# `specialists distill` (distill_run.py): teacher(s) -> soft targets on a transfer set -> student
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """Where the soft targets come from."""
-
-    runs: list[str] = field(default_factory=list)  # run directories; empty: train a teacher here
-    source: str = "combined"  # combined: specialists.load(run).predict_proba (generalist + specialists); generalist
-    mean: str = "arithmetic"  # how several teachers combine: arithmetic | geometric (of their distributions at T)
-    model: ModelConfig = field(default_factory=ModelConfig)  # the teacher trained here (no runs)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def validate(self, prefix: str = "teacher") -> None:
-        _require(self.source in TEACHER_SOURCES, f"{prefix}.source", self.source, f"must be one of {TEACHER_SOURCES}")
-        _require(self.mean in ENSEMBLE_MEANS, f"{prefix}.mean", self.mean, f"must be one of {ENSEMBLE_MEANS}")
-        _require(all(str(r).strip() for r in self.runs), f"{prefix}.runs", self.runs, "run directories must not be empty")
-        _require(len(set(self.runs)) == len(self.runs), f"{prefix}.runs", self.runs, "lists a run twice")
-        self.model.validate(f"{prefix}.model")
-        self.train.validate(f"{prefix}.train")
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    """The model trained on the teacher's soft targets, and the loss that weighs them."""
-
-    model: None | ModelConfig = None  # None: the teacher's architecture (the first run's generalist, or teacher.model)
-    train: None | TrainConfig = None  # None: the teacher's schedule (the first run's train, or teacher.train)
-    temperature: float = 4.0  # T of the soft targets; the soft term is T^2-scaled
-    soft_weight: float = 0.9  # weight of the soft (teacher) term; the hard labels get 1 - soft_weight
-    baseline: bool = False  # also train the same student on the transfer set's hard labels alone
-    # Chosen on validation accuracy: one student per (T, soft weight) pair, the best kept; empty: the one above
-    temperatures: list[float] = field(default_factory=list)
-    soft_weights: list[float] = field(default_factory=list)
-    # auto: start from the teacher run's generalist when the student has its architecture; scratch; generalist;
-    # both: the grid from each starting point, the best on validation kept
-    init: str = "auto"
-    # > 0: per-cluster targets, each specialist's distribution over its own classes (dustbin left out) on the
-    # transfer examples whose label (teacher's top class when unlabeled) it covers, as a T^2-scaled term of this weight
-    cluster_weight: float = 0.0
-
-    def validate(self, prefix: str = "student") -> None:
-        if self.model is not None:
-            self.model.validate(f"{prefix}.model")
-        if self.train is not None:
-            self.train.validate(f"{prefix}.train")
-        _require(math.isfinite(self.temperature) and self.temperature > 0, f"{prefix}.temperature", self.temperature,
-                 "must be a finite number > 0")
-        _require(0 <= self.soft_weight <= 1, f"{prefix}.soft_weight", self.soft_weight,
-                 "must be in [0, 1] (1: soft targets only, 0: hard labels only)")
-        _require(all(math.isfinite(t) and t > 0 for t in self.temperatures), f"{prefix}.temperatures",
-                 self.temperatures, "every temperature must be a finite number > 0")
-        _require(all(0 <= w <= 1 for w in self.soft_weights), f"{prefix}.soft_weights", self.soft_weights,
-                 "every soft weight must be in [0, 1]")
-        _require(self.init in STUDENT_INITS, f"{prefix}.init", self.init, f"must be one of {STUDENT_INITS}")
-        _require(math.isfinite(self.cluster_weight) and self.cluster_weight >= 0, f"{prefix}.cluster_weight",
-                 self.cluster_weight, "must be a finite number >= 0 (0: off)")
-
-
-@dataclass(frozen=True)
-class TransferConfig:
-    """The examples the student learns from. Classes are named as in classes.json (MNIST: 0..9)."""
-
-    split: str = "train"  # train | a file of unlabeled inputs: .npy (arrays) or .csv (texts, column data.text_column)
-    fraction: float = 1.0  # seeded per-class share of the examples kept (every kept class keeps at least one)
-    omit_classes: list[int | str] = field(default_factory=list)  # leave these classes out
-    keep_classes: list[int | str] = field(default_factory=list)  # keep only these classes
-    labels: bool = True  # use the hard labels (weighted 1 - student.soft_weight); false: soft targets only
-    # Augmented copies of the training inputs added to the transfer set (seeded), each keeping its source's label:
-    # texts token_dropout | span_mask | swap, vectors and images noise | jitter | mixup; each copy draws one of these
-    augment: list[str] = field(default_factory=list)
-    copies: int = 1  # augmented copies per training example (with augment)
-    strength: float = 0.15  # token share dropped / masked / swapped; noise sd and jitter in feature sds; mixup's alpha
-    # >= 2: out-of-fold teacher targets on the training examples: K runs of the teacher, each trained without one fold
-    # (generalist and specialists), label the fold they did not see; 0: the teacher run labels its own training set
-    folds: int = 0
-
-    def validate(self, prefix: str = "transfer") -> None:
-        _require(bool(self.split.strip()), f"{prefix}.split", self.split, "must be train or a file path")
-        _require(0 < self.fraction <= 1, f"{prefix}.fraction", self.fraction, "must be in (0, 1]")
-        _require(not (self.omit_classes and self.keep_classes), f"{prefix}.keep_classes", self.keep_classes,
-                 f"set omit_classes or keep_classes, not both (omit_classes={self.omit_classes})")
-        for key in ("omit_classes", "keep_classes"):
-            names = [str(c) for c in getattr(self, key)]
-            _require(len(set(names)) == len(names), f"{prefix}.{key}", getattr(self, key), "lists a class twice")
-        known = TEXT_AUGMENTATIONS + ARRAY_AUGMENTATIONS
-        _require(all(a in known for a in self.augment), f"{prefix}.augment", self.augment,
-                 f"each must be one of {TEXT_AUGMENTATIONS} (texts) or {ARRAY_AUGMENTATIONS} (vectors, images)")
-        _require(1 <= self.copies <= 100, f"{prefix}.copies", self.copies, "must be in [1, 100]")
-        _require(math.isfinite(self.strength) and 0 < self.strength <= 1, f"{prefix}.strength", self.strength,
-                 "must be in (0, 1]")
-        _require(self.folds == 0 or 2 <= self.folds <= 20, f"{prefix}.folds", self.folds, "must be 0 (off) or in [2, 20]")
-        _require(not (self.augment or self.folds) or self.split == "train", f"{prefix}.split", self.split,
-                 "augment and folds work on the training set: use transfer.split=train with them")
-
-
-@dataclass(frozen=True)
-class BiasConfig:
-    """Section 3: one logit shift for the classes the transfer set lacks, chosen on validation accuracy."""
-
-    adjust: bool = True
-    max_shift: float = 20.0  # shifts searched: -max_shift .. +max_shift
-    step: float = 0.1
-
-    def validate(self, prefix: str = "bias") -> None:
-        _require(self.max_shift >= 0, f"{prefix}.max_shift", self.max_shift, "must be >= 0")
-        _require(self.step > 0, f"{prefix}.step", self.step, "must be > 0")
-        _require(self.max_shift / self.step <= 100_000, f"{prefix}.step", self.step,
-                 f"gives more than 200,001 shifts for max_shift={self.max_shift}")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Everything `specialists distill` needs."""
-
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    # `None | X`, not `X | None`: _check_type tries a union's options in order, and a null read as X is X's defaults
-    data: None | DataConfig = None  # None: the first teacher run's data, or (no runs) the default data
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    bias: BiasConfig = field(default_factory=BiasConfig)
-
-    def validate(self) -> None:
-        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        _require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
-        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = default)")
-        if self.data is not None and self.teacher.runs:
-            raise ConfigError(f"data.*: the data come from the teacher run {self.teacher.runs[0]!r} (its config.yaml); "
-                              "drop the data keys when teacher.runs is set")
-        if self.data is not None:
-            self.data.validate()
-        self.teacher.validate()
-        self.student.validate()
-        self.transfer.validate()
-        self.bias.validate()
-
-
-def load_distill_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:
-    """Defaults <- YAML file <- `a.b=value` overrides, validated (ConfigError names the key).
-
-    `student.model` and `student.train` start from the teacher's: the first
-    teacher run's `model` / `train` (its config.yaml), else `teacher.model` /
-    `teacher.train`; the keys given under them override that. The returned
-    config spells every value out, as config.yaml will.
-    """
-    cfg = load_config(path, list(overrides), cls=DistillConfig)
-    return resolve_student(cfg, _student_keys(path, overrides))
-
-
-def _student_keys(path: str | Path | None, overrides: typing.Sequence[str]) -> dict[str, set[str]]:
-    """The keys a user gave under student.model and student.train (YAML file, then overrides)."""
-    given: dict[str, set[str]] = {"model": set(), "train": set()}
-    student = (read_yaml(path) if path else {}).get("student")
-    if isinstance(student, dict):
-        for part in given:
-            if isinstance(student.get(part), dict):
-                given[part] = set(student[part])
-    for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        if parts[0] != "student" or len(parts) < 2 or parts[1] not in given:
-            continue
-        if len(parts) == 2:  # student.model={...} replaces what came before; null inherits everything
-            given[parts[1]] = set(value) if isinstance(value, dict) else set()
-        else:
-            given[parts[1]].add(parts[2])
-    return given
-
-
-def _teacher_architecture(cfg: DistillConfig) -> tuple[ModelConfig, TrainConfig]:
-    if cfg.teacher.runs:
-        run = RunDir(cfg.teacher.runs[0])
-        run.require(run.config, what="run")
-        run_cfg = load_config(run.config)
-        return run_cfg.model, run_cfg.train
-    return cfg.teacher.model, cfg.teacher.train
-
-
-def resolve_student(cfg: DistillConfig, given: dict[str, set[str]] | None = None) -> DistillConfig:
-    """`cfg` with student.model / student.train filled in from the teacher's (see load_distill_config).
-
-    given: the keys the user set under student.model / student.train; None: a
-    non-None student.model / student.train is taken whole.
-    """
-    base_model, base_train = _teacher_architecture(cfg)
-
-    def merge(base, mine, keys):
-        if mine is None:
-            return base
-        if given is None:
-            return mine
-        return dataclasses.replace(base, **{k: getattr(mine, k) for k in keys})
-
-    student = dataclasses.replace(cfg.student,
-                                  model=merge(base_model, cfg.student.model, (given or {}).get("model", ())),
-                                  train=merge(base_train, cfg.student.train, (given or {}).get("train", ())))
-    resolved = dataclasses.replace(cfg, student=student)
-    resolved.validate()
-    return resolved

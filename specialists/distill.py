@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .choices import ENSEMBLE_MEANS
 
 __all__ = [
+    "DistillError",
     "DistillLoss",
     "TeacherCache",
     "accuracy_by_shift",
@@ -47,6 +48,11 @@ __all__ = [
     "soft_target_loss",
     "soft_targets",
 ]
+
+
+class DistillError(ValueError):
+    """Teachers, transfer set and student do not fit together (class sets, output sizes)."""
+
 
 SOFT_FORMS = ("ce", "kl")
 ENSEMBLE_INPUTS = ("probs", "logits")

@@ -35,8 +35,10 @@ soft weight are chosen on validation (`student.temperatures`,
 `student.soft_weights`); `student.cluster_weight` adds each specialist's
 distribution inside its cluster as a loss term.
 
-The settings are `config.DistillConfig`; the maths (bias shift, kept gain,
-ensembles of teachers) is in `distill.py`. Outputs land in one directory, which
+The settings are `distill_config.DistillConfig`; the maths (bias shift, kept
+gain, ensembles of teachers) is in `distill.py`, the teachers in
+`distill_teachers.py`, the student's training in `distill_student.py`; this
+file orchestrates them. Outputs land in one directory, which
 `specialists.load(DIR)` serves as a single model: `config.yaml`,
 `classes.json`, `teacher/` (when trained here), `student/` (and `baseline/`),
 `folds/<k>/` (out-of-fold teacher runs), `metrics.json`, `report/`.
@@ -47,62 +49,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import (
-    ConfigError,
-    DataConfig,
-    DistillConfig,
-    TrainConfig,
-    dump_config,
-    load_config,
-    resolve_student,
-    to_dict,
-)
+from .config import ConfigError, DataConfig, dump_config, load_config, to_dict
 from .data import Dataset, fold_of_rows, load_dataset, take_inputs
-from .distill import (
-    TeacherCache,
-    choose_bias_shift,
-    distillation_loss,
-    ensemble_probs,
-    gain_standard_error,
-    kept_gain,
-    shift_bias,
-)
+from .distill import DistillError, choose_bias_shift, ensemble_probs, gain_standard_error, kept_gain, shift_bias
+from .distill_config import DistillConfig, resolve_student
+from .distill_student import cluster_targets, train_student
+from .distill_teachers import (Teacher, check_same_classes, check_same_data, check_source, class_difference,
+                               module_teacher, run_teacher, teacher_scores)
 from .generalist import build_model, fit_generalist
 from .models import load_checkpoint, model_kwargs, save_checkpoint
 from .rundir import RunDir, write_json, write_text
-from .specialist import SPECIALIST_FILE
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .train import TrainResult, predict_logits, seed_everything, train_model
 from .transfer import TransferSet, make_transfer_set
 
-__all__ = [
-    "KEPT_GAIN_DEFINITION",
-    "DistillError",
-    "Teacher",
-    "is_student_dir",
-    "ClusterTargets",
-    "check_same_classes",
-    "check_source",
-    "cluster_targets",
-    "combined_teacher",
-    "finished_peers",
-    "module_teacher",
-    "run_distill",
-    "run_teacher",
-    "summary",
-    "teacher_scores",
-    "train_student",
-]
-
-
-class DistillError(ValueError):
-    """Teachers, transfer set and student do not fit together (class sets, output sizes)."""
+__all__ = ["KEPT_GAIN_DEFINITION", "is_student_dir", "run_distill", "summary"]
 
 
 KEPT_GAIN_DEFINITION = ("(student - baseline) / (teacher - baseline), test accuracy; the baseline is the teacher "
@@ -118,206 +85,6 @@ def is_student_dir(root: str | Path) -> bool:
     """A `specialists distill` output (student/ without a generalist/): `specialists.load` serves it."""
     root = Path(root)
     return (root / "student" / "model.json").is_file() and not (root / "generalist" / "model.json").is_file()
-
-
-# ---------------------------------------------------------------------------
-# teachers: raw inputs -> scores, computed once per transfer set
-
-
-@dataclass
-class Teacher:
-    """One teacher: `scores(inputs)` gives (B, C) logits or log-probabilities for raw inputs."""
-
-    name: str
-    classes: list[str]
-    scores: Callable[[object], torch.Tensor]
-    model: object = None  # the loaded run model (ensemble.SpecialistsModel) behind a run's teacher
-
-
-def module_teacher(model: nn.Module, classes: list[str], name: str, device, batch_size: int = 1024) -> Teacher:
-    """A trained model (logits) as a teacher."""
-    if model.head.out_features != len(classes):
-        raise DistillError(f"teacher {name} predicts {model.head.out_features} classes but its class list has "
-                           f"{len(classes)}")
-
-    def scores(inputs) -> torch.Tensor:
-        return torch.from_numpy(predict_logits(model, model.encode(inputs), batch_size, device))
-
-    return Teacher(name, classes, scores)
-
-
-def combined_teacher(run_dir: str | Path, device, batch_size: int = 1024, **options) -> Teacher:
-    """A run's combined distribution (`specialists.load(run, **options).predict_proba`) as a teacher."""
-    from .ensemble import load
-
-    model = load(run_dir, device, **options)
-
-    def scores(inputs) -> torch.Tensor:
-        probs = torch.from_numpy(np.asarray(model.predict_proba(inputs, batch_size), dtype=np.float32))
-        # (B, C) log q; a zero probability becomes a very negative finite score
-        return torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))
-
-    return Teacher(str(run_dir), list(model.classes), scores, model)
-
-
-def check_same_classes(teachers: Sequence[Teacher], classes: list[str]) -> None:
-    """Every teacher must score exactly `classes`, in that order."""
-    for teacher in teachers:
-        if teacher.classes != classes:
-            raise DistillError(_class_difference(teacher.name, teacher.classes, "the data", classes))
-
-
-def _class_difference(a_name: str, a: list[str], b_name: str, b: list[str]) -> str:
-    if len(a) != len(b):
-        return (f"teachers must share one class set: {a_name} has {len(a)} classes, {b_name} has {len(b)} "
-                f"(only in {a_name}: {sorted(set(a) - set(b))[:5]}, only in {b_name}: {sorted(set(b) - set(a))[:5]})")
-    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return (f"teachers must share one class set: class {i} is {a[i]!r} in {a_name} but {b[i]!r} in {b_name} "
-            f"(only in {a_name}: {sorted(set(a) - set(b))[:5]}, only in {b_name}: {sorted(set(b) - set(a))[:5]})")
-
-
-def _check_same_data(first: RunDir, first_cfg, other: RunDir, other_cfg) -> None:
-    """Teacher runs must have learnt from the same data (synthetic data are drawn from the run's seed)."""
-    if other_cfg.data != first_cfg.data:
-        raise DistillError(f"teacher runs must share their data: {other.root}'s data config differs from "
-                           f"{first.root}'s ({other_cfg.data} vs {first_cfg.data})")
-    if first_cfg.data.kind == "synthetic" and other_cfg.seed != first_cfg.seed:
-        raise DistillError(f"teacher runs must share their data: synthetic data are drawn from the seed, and "
-                           f"{first.root} has seed={first_cfg.seed} but {other.root} seed={other_cfg.seed}")
-
-
-def finished_peers(run: RunDir) -> int:
-    """How many peer members 1, 2, ... of the run are finished (`peers/<k>/member.json`), counted in order."""
-    k = 0
-    while (run.peers / str(k + 1) / "member.json").is_file():
-        k += 1
-    return k
-
-
-def run_teacher(run: RunDir, source: str, device, batch_size: int = 1024) -> Teacher:
-    """What teacher run `run` gives as `source` (see TEACHER_SOURCES); refuses what the run lacks."""
-    if source == "generalist":
-        return module_teacher(load_checkpoint(run.generalist, device), run.read_classes(), str(run.root), device,
-                              batch_size)
-    check_source(run, source)
-    options = {"generalists": 1 + finished_peers(run) if source in ("peers", "hybrid") else 1,
-               "use_specialists": source != "peers"}
-    return combined_teacher(run.root, device, batch_size, **options)
-
-
-def check_source(run: RunDir, source: str) -> None:
-    """Refuse a teacher.source the run cannot give: a generalist-only run has no combination to distil."""
-    if source in ("peers", "hybrid") and finished_peers(run) == 0:
-        raise DistillError(f"teacher.source={source}: {run.root} has no finished peer members in peers/ (the "
-                           "equal-compute peer ensemble, peer.enabled=true); use teacher.source=combined or generalist")
-    if source in ("combined", "hybrid") and not (run.specialists.is_dir() and any(
-            (f / SPECIALIST_FILE).is_file() for f in run.specialists.iterdir())):
-        raise DistillError(f"teacher.source={source}: {run.root} has no finished specialists, so it is a "
-                           "generalist-only run and its combined distribution is its generalist's; distil it with "
-                           "teacher.source=generalist (against student.baseline) or train its specialists first")
-
-
-def teacher_scores(teacher: Teacher, inputs, batch_size: int = 1024) -> torch.Tensor:
-    """(N, C) scores of `inputs`, one teacher pass over them (cached: callers index the result)."""
-    cache = TeacherCache(lambda index: teacher.scores(take_inputs(inputs, index.numpy())), output="logits",
-                         batch_size=batch_size, device="cpu")
-    return cache.fit(torch.arange(len(inputs))).outputs_
-
-
-# ---------------------------------------------------------------------------
-# the student
-
-
-def train_student(student: nn.Module, transfer: TransferSet, soft: torch.Tensor, val_inputs, val_labels: np.ndarray,
-                  cfg: TrainConfig, *, temperature: float, soft_weight: float, seed: int, device="cpu",
-                  desc: str = "student", progress: bool = True, cluster: "ClusterTargets | None" = None,
-                  cluster_weight: float = 0.0) -> TrainResult:
-    """Train `student` in place on `transfer` against cached soft targets; it ends at its best validation epoch.
-
-    soft: (N, C) teacher probabilities at `temperature`, row i for transfer example i.
-    The loss is `soft_weight * T^2 CE(soft, student at T) + (1 - soft_weight) CE(labels,
-    student)` on a labelled transfer set, the soft term alone on an unlabeled one;
-    with `cluster` and cluster_weight > 0, plus cluster_weight * T^2 CE(specialist's
-    distribution over its classes, student's over the same classes, at T).
-    """
-    n_out = student.head.out_features
-    if soft.ndim != 2 or soft.shape[0] != len(transfer):
-        raise DistillError(f"soft targets have shape {tuple(soft.shape)}; the transfer set has {len(transfer)} examples")
-    if n_out != soft.shape[1]:
-        raise DistillError(f"the student predicts {n_out} classes but the teacher {soft.shape[1]}: "
-                           f"build the student with n_classes={soft.shape[1]}")
-    labelled = transfer.labelled
-    soft = soft.float()
-    use_cluster = cluster is not None and cluster_weight > 0
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> dict:
-        rows = torch.from_numpy(np.asarray(index))
-        targets = soft[rows].to(logits.device)  # (B, C) cached, no teacher pass
-        parts = distillation_loss(logits, labels if labelled else None, targets, temperature, soft_weight)
-        out = {"loss": parts.loss, "hard_loss": parts.hard_loss.detach(), "soft_loss": parts.soft_loss.detach()}
-        if use_cluster:
-            term = cluster.loss(logits, rows, temperature)
-            out["loss"] = out["loss"] + cluster_weight * term
-            out["cluster_loss"] = term.detach()
-        return out
-
-    # train_model indexes a label per row; an unlabeled set's placeholders never reach the loss
-    labels = np.where(transfer.labels >= 0, transfer.labels, 0)
-    return train_model(student, student.encode(transfer.inputs), labels, student.encode(val_inputs), val_labels, cfg,
-                       seed=seed, device=device, loss_fn=loss_fn, desc=desc, progress=progress)
-
-
-@dataclass
-class ClusterTargets:
-    """Per-cluster targets: for each transfer row, one specialist's log-probabilities over its own classes.
-
-    classes: (N, K) long class ids (K the largest cluster; padding 0); logp: (N, K)
-    the specialist's log-probabilities renormalised over its classes (the dustbin
-    left out); mask: (N, K) bool, False on padding and on rows no specialist covers.
-    """
-
-    classes: torch.Tensor
-    logp: torch.Tensor
-    mask: torch.Tensor
-
-    def loss(self, logits: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-        """T^2 CE(specialist at T, student restricted to the same classes at T), mean over covered rows."""
-        mask = self.mask[rows].to(logits.device)  # (B, K)
-        covered = mask.any(1)
-        if not covered.any():
-            return logits.sum() * 0.0
-        classes, logp = self.classes[rows].to(logits.device), self.logp[rows].to(logits.device)
-        z = (logits.gather(1, classes) / temperature).masked_fill(~mask, -1e9)
-        target = torch.softmax((logp / temperature).masked_fill(~mask, -1e9), dim=1)
-        ce = -(target * torch.log_softmax(z, dim=1)).masked_fill(~mask, 0.0).sum(1)
-        return ce[covered].mean() * temperature ** 2
-
-
-def cluster_targets(model, inputs, rows_class: np.ndarray, batch_size: int = 1024) -> ClusterTargets:
-    """ClusterTargets from a loaded run (`ensemble.SpecialistsModel`) on `inputs`.
-
-    rows_class: (N,) the class that picks each row's specialist (its label, or the
-    teacher's top class): the first specialist whose classes contain it.
-    """
-    _, special = model.outputs(inputs, batch_size)  # per specialist (N, k_m + 1), dustbin last
-    classes = [np.asarray(info["classes"]) for _, info in model.specialists]
-    width = max((len(c) for c in classes), default=1)
-    n = len(rows_class)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    logp = torch.zeros(n, width)
-    mask = torch.zeros(n, width, dtype=torch.bool)
-    owner = np.full(n, -1)
-    for m, cls in enumerate(classes):
-        rows = np.flatnonzero((owner < 0) & np.isin(rows_class, cls))
-        owner[rows] = m
-        if not len(rows):
-            continue
-        p = torch.from_numpy(special[m][rows, :-1]).double().clamp_min(1e-12)  # (R, k) dustbin left out
-        p = p / p.sum(1, keepdim=True)
-        ids[rows, :len(cls)] = torch.from_numpy(cls).long()
-        logp[rows, :len(cls)] = torch.log(p).float()
-        mask[rows, :len(cls)] = True
-    return ClusterTargets(ids, logp, mask)
 
 
 # ---------------------------------------------------------------------------
@@ -388,10 +155,10 @@ def _prepare(cfg: DistillConfig) -> _Job:
         for other in runs[1:]:
             classes = other.read_classes()
             if classes != first:
-                raise DistillError(_class_difference(str(runs[0].root), first, str(other.root), classes))
+                raise DistillError(class_difference(str(runs[0].root), first, str(other.root), classes))
         run_cfg, dataset = dataset_for_run(runs[0])
         for other in runs[1:]:
-            _check_same_data(runs[0], run_cfg, other, load_config(other.config))
+            check_same_data(runs[0], run_cfg, other, load_config(other.config))
         for run in runs:
             run.require(run.generalist / "model.json", what="generalist")
             check_source(run, cfg.teacher.source)

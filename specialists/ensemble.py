@@ -29,7 +29,8 @@ from .combine import active_specialists, solve, solve_rows
 from .config import CombineConfig, load_config
 from .models import load_checkpoint, resolve_device, torch_threads
 from .rundir import RunDir, RunDirError
-from .specialist import SPECIALIST_FILE, dustbin_corrected, file_sha256, load_specialist
+from .dustbin import dustbin_corrected
+from .specialist import SPECIALIST_FILE, file_sha256, load_specialist
 
 
 

@@ -13,13 +13,14 @@ import time
 
 import torch
 
-from .config import RunConfig, StudentConfig, TeacherConfig
+from .config import RunConfig
+from .distill_config import StudentConfig, TeacherConfig
 from .data import Dataset
 from .models import create_model, model_kwargs
 from .train import TrainResult, accuracy, seed_everything, train_model
 
 
-# any config with `model` and `train` sections (a StudentConfig's are filled in by config.resolve_student)
+# any config with `model` and `train` sections (a StudentConfig's are filled in by distill_config.resolve_student)
 ModelAndTrain = RunConfig | TeacherConfig | StudentConfig
 
 

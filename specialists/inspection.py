@@ -8,7 +8,7 @@ or `specialists inspect --logits val_logits.npy --labels val_labels.npy --classe
 --out inspect/ cluster.classes_per_cluster=10`. One streamed pass over the file checks each
 batch (finite values; probability rows >= 0 and summing to 1), turns it into probabilities
 (softmax(z / T) for logits, p^(1/T) renormalised for probabilities, T = cluster.temperature),
-adds it to the (C, C) covariance (`cluster.CovarianceAccumulator`, float32 products) and,
+adds it to the (C, C) covariance (`covariance.CovarianceAccumulator`, float32 products) and,
 with labels, records the rows whose arg-max is wrong. Memory is O(C^2 + batch x C) whatever
 N is (plus 8 bytes a row for labels); see `arrays.py` for how each file format is read.
 The clusters are `ConfusionClusterer`'s on that covariance, with the `cluster` settings of
@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from .arrays import ArrayFileError, Rows, open_rows
-from .cluster import CovarianceAccumulator, InvalidParameterError, clusters_to_json, correlation_from_covariance
+from .cluster import InvalidParameterError, clusters_to_json
 from .config import ClusterConfig, ConfigError, RunConfig, load_config
+from .covariance import CovarianceAccumulator, correlation_from_covariance
 
 __all__ = ["InspectError", "Inspection", "inspect", "inspect_config", "INSPECT_FILES"]
 

@@ -435,6 +435,15 @@ def save_checkpoint(model: nn.Module, folder: str | Path, extra: dict | None = N
     return folder
 
 
+def stored_shapes(path: str | Path, where: str | Path) -> dict[str, tuple]:
+    """{tensor name: shape} of safetensors file `path`, from its header alone; CheckpointError naming `where`."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{where} is not a safetensors file, or is corrupt: {err}") from None
+
+
 def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     folder = Path(folder)
     spec_path, weights_path = folder / "model.json", folder / "model.safetensors"
@@ -465,11 +474,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
         skeleton = _skeleton(spec["name"], kwargs)
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise CheckpointError(f"{spec_path}: cannot build {spec['name']!r} from its kwargs: {err}") from None
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
+    stored = stored_shapes(weights_path, weights_path)
     expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     if stored != expected:
         key = sorted(set(stored) ^ set(expected)) or [k for k in expected if stored[k] != expected[k]]

@@ -14,7 +14,7 @@ no shared disk. Each specialist's data (its training rows, the generalist's
 soft targets on them collapsed to its classes + dustbin, its test examples)
 travel as one object of its own, put when it is submitted and freed when it is
 saved: the store holds the data of the specialists in flight, not the N x C
-outputs of every split (see specialist.py, "the data one specialist reads"). A
+outputs of every split (see specialist_data.py). A
 specialist whose worker dies (killed, out of memory, node lost) is re-run by
 Ray (`ray.max_retries`); one saved before a crash of the whole run is kept and
 not trained again on `--resume`, if its files are whole (its weights hash to
@@ -49,10 +49,11 @@ from .config import ConfigError, RayConfig, RunConfig
 from .data import Dataset
 from .models import load_checkpoint
 from .rundir import RunDir, read_json
-from .specialist import (SPECIALIST_FILE, ShardStore, SpecialistData, SpecialistTrainingError, budget_shares,
-                         cut_generalist_outputs, file_sha256, finished_specialist, model_from_arrays, model_to_arrays,
-                         plan_specialist, read_groups, save_specialist, specialist_data, specialist_dir,
-                         specialists_summary, train_specialist)
+from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, finished_specialist, model_from_arrays,
+                         model_to_arrays, read_groups, save_specialist, specialist_dir, specialists_summary,
+                         train_specialist)
+from .specialist_data import (ShardStore, SpecialistData, budget_shares, cut_generalist_outputs, plan_specialist,
+                              specialist_data)
 
 Log = Callable[[str], None]
 SHARDS_PREFIX = ".specialist-shards-"  # scratch folder of the specialists stage in the run directory
@@ -269,7 +270,7 @@ def _specialist_info(cfg: RunConfig, dataset: Dataset, m: int, classes: list[int
         "dustbin_correction": metrics["dustbin_correction"],  # add to the dustbin logit before the softmax
         "dustbin_correction_applied": False,  # the weights are as trained
         "dustbin_correction_mode": s.dustbin_correction,
-        # the same correction for the prior where a top-1-gated combiner uses it (see specialist.py)
+        # the same correction for the prior where a top-1-gated combiner uses it (see dustbin.py)
         "dustbin_correction_active_top1": metrics["dustbin_correction_active_top1"],
         "special_fraction": metrics["special_fraction"],
         "natural_fraction": metrics["natural_fraction"],

@@ -13,7 +13,7 @@
 
 At T = 1 every row is nearly one-hot, so off-diagonal covariances are mostly noise;
 softened outputs carry the similarity structure ("which 2's look like 3's"). Every
-covariance is streamed through `cluster.CovarianceAccumulator` (memory O(C^2)).
+covariance is streamed through `covariance.CovarianceAccumulator` (memory O(C^2)).
 
 Which rows a signal reads decides which errors are held out for an honest score:
 `cluster_rows` and `heldout_split`.
@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .cluster import CovarianceAccumulator
+from .covariance import CovarianceAccumulator
 from .choices import CLUSTER_SIGNALS, LABELLED_SIGNALS
 from .config import RunConfig
 from .data import Dataset, fold_of_rows  # fold_of_rows: re-exported

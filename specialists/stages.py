@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json, correlation_from_covariance
+from .cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json
 from .config import ConfigError, RunConfig, dump_config, load_config, parse_override, to_dict
+from .covariance import correlation_from_covariance
 from .data import Dataset, Split, check_run_fits_data, load_dataset, read_unlabeled_inputs
 from .evaluation import StreamedComparison
 from .generalist import fit_generalist, is_loaded, load_generalist
@@ -396,6 +397,13 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
         return _run_stages(cfg, dataset, run, device, resume, log, progress, started)
 
 
+def _train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,
+                       progress: bool) -> dict:
+    from .parallel import train_specialists  # ray: imported only by runs that train specialists
+
+    return train_specialists(cfg, dataset, run, device, log, progress)
+
+
 def _run_stages(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, resume: bool, log: Log,
                 progress: bool, started: float) -> RunDir:
     """run_pipeline's stages, in order, under the run lock."""
@@ -407,39 +415,31 @@ def _run_stages(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.dev
     log(f"data: {dataset.name}, {dataset.n_classes} classes, {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test; device {device}; run directory {run.root}")
 
-    if resume and _generalist_done(run):
-        log("generalist: already trained, skipped")
-    else:
-        timed_stage(run, "generalist", lambda: train_generalist(cfg, dataset, run, device, log, progress),
-                    "generalist")
-
-    if not cfg.cluster.enabled:
-        log("cluster: disabled (cluster.enabled=false)")
-    elif resume and _cluster_done(run):
-        log("cluster: already done, skipped")
-    else:
-        timed_stage(run, "cluster", lambda: cluster_classes(cfg, dataset, run, device, log), "cluster")
-
-    if not cfg.specialists.enabled:
-        log("specialists: disabled (specialists.enabled=false)")
-    elif not run.clusters.is_file():
-        log("specialists: no clusters.json (the cluster stage is disabled), skipped")
-    elif resume and specialists_done(run):
-        log("specialists: already trained, skipped")
-    else:
-        from .parallel import train_specialists  # ray: imported only by runs that train specialists
-
-        timed_stage(run, "specialists", lambda: train_specialists(cfg, dataset, run, device, log, progress),
-                    "specialists")
-
-    if not cfg.peer.enabled:
-        log("peer ensemble: disabled (peer.enabled=false)")
-    elif not specialists_done(run):
-        log("peer ensemble: skipped, it matches the specialists' compute and there are none")
-    elif resume and _peer_done(run):
-        log("peer ensemble: already trained, skipped")
-    else:
-        timed_stage(run, "peer", lambda: train_peers(cfg, dataset, run, device, log, progress), "peer_ensemble")
+    # Per stage of STAGES: its name in the log, why it may not run ((condition, reason) pairs, tried in order when
+    # its turn comes), what a resume says when it is done already, and its body.
+    plan = {
+        "generalist": ("generalist", [], "already trained",
+                       lambda: train_generalist(cfg, dataset, run, device, log, progress)),
+        "cluster": ("cluster", [(lambda: not cfg.cluster.enabled, "disabled (cluster.enabled=false)")], "already done",
+                    lambda: cluster_classes(cfg, dataset, run, device, log)),
+        "specialists": ("specialists", [
+            (lambda: not cfg.specialists.enabled, "disabled (specialists.enabled=false)"),
+            (lambda: not run.clusters.is_file(), "no clusters.json (the cluster stage is disabled), skipped"),
+        ], "already trained", lambda: _train_specialists(cfg, dataset, run, device, log, progress)),
+        "peer": ("peer ensemble", [
+            (lambda: not cfg.peer.enabled, "disabled (peer.enabled=false)"),
+            (lambda: not specialists_done(run), "skipped, it matches the specialists' compute and there are none"),
+        ], "already trained", lambda: train_peers(cfg, dataset, run, device, log, progress)),
+    }
+    for timing, section, _, done, _ in STAGES:
+        name, skips, finished, body = plan[timing]
+        reason = next((why for skipped, why in skips if skipped()), None)
+        if reason is None and resume and done(run):
+            reason = f"{finished}, skipped"
+        if reason is not None:
+            log(f"{name}: {reason}")
+        else:
+            timed_stage(run, timing, body, section)
 
     timed_stage(run, "evaluate", lambda: evaluate_run(cfg, dataset, run, device, log), "ensemble")
 

@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from .choices import ARRAY_AUGMENTATIONS, TEXT_AUGMENTATIONS
-from .config import ConfigError, TransferConfig
+from .config import ConfigError
+from .distill_config import TransferConfig
 from .data import Dataset, DataError, read_unlabeled_inputs, resolve_path, take_inputs
 
 __all__ = ["MASK_TOKEN", "TransferSet", "augment_inputs", "class_ids", "make_transfer_set"]

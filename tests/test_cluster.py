@@ -10,14 +10,8 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from jobs.bench_cluster import make_confusable_probabilities  # the benchmark's planted input
-from specialists.cluster import (
-    ConfusionClusterer,
-    CovarianceAccumulator,
-    InvalidParameterError,
-    clusters_to_json,
-    correlation_from_covariance,
-    streamed_covariance,
-)
+from specialists.cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json
+from specialists.covariance import CovarianceAccumulator, correlation_from_covariance, streamed_covariance
 from specialists.report import within_between
 
 N_CLASSES = 200

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from specialists.config import (ConfigError, DistillConfig, RunConfig, dump_config, load_config,
-                                load_distill_config, resolve_student)
+from specialists.config import ConfigError, RunConfig, dump_config, load_config
+from specialists.distill_config import DistillConfig, load_distill_config, resolve_student
 from specialists.rundir import RunDirError
 
 

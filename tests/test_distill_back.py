@@ -10,10 +10,11 @@ import pytest
 from conftest import csv_overrides, tiny_config, write_csv
 import specialists
 from specialists.cli import main
-from specialists.config import ConfigError, TransferConfig, load_config, load_distill_config
+from specialists.config import ConfigError, load_config
 from specialists.data import DataError
-from specialists.distill import kept_gain
-from specialists.distill_run import DistillError, run_distill
+from specialists.distill import DistillError, kept_gain
+from specialists.distill_config import TransferConfig, load_distill_config
+from specialists.distill_run import run_distill
 from specialists.report import format_results
 from specialists.rundir import RunDir
 from specialists.runtime import dataset_for_run
@@ -216,7 +217,7 @@ def test_cluster_target_term_is_the_tempered_cross_entropy_inside_the_cluster():
     """Row 0: a specialist over classes (1, 3); row 1: no specialist covers it (no term)."""
     import torch
 
-    from specialists.distill_run import ClusterTargets
+    from specialists.distill_student import ClusterTargets
 
     p = torch.tensor([0.8, 0.2])
     targets = ClusterTargets(torch.tensor([[1, 3], [0, 0]]), torch.log(torch.stack([p, torch.ones(2)])),

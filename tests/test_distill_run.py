@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from conftest import MNIST_DIR, TINY_SYNTHETIC, tiny_config
-from specialists import distill_run
+from specialists import distill_teachers
 from specialists.cli import main
-from specialists.config import ConfigError, TransferConfig, load_distill_config
+from specialists.config import ConfigError
 from specialists.data import DataError, load_dataset
-from specialists.distill import ensemble_probs
-from specialists.distill_run import DistillError, module_teacher, run_distill, teacher_scores, train_student
+from specialists.distill import DistillError, ensemble_probs
+from specialists.distill_config import TransferConfig, load_distill_config
+from specialists.distill_run import run_distill
+from specialists.distill_student import train_student
+from specialists.distill_teachers import module_teacher, teacher_scores
 from specialists.models import create_model, load_checkpoint
 from specialists.rundir import RunDir
 from specialists.runtime import dataset_for_run
@@ -91,14 +94,14 @@ def test_mnist_subset_soft_targets_beat_hard_labels(tmp_path):
 
 def test_teacher_outputs_are_computed_once(teacher_run, tmp_path, monkeypatch):
     rows = []
-    real = distill_run.load_checkpoint
+    real = distill_teachers.load_checkpoint
 
     def counting(folder, device="cpu"):
         model = real(folder, device)
         model.register_forward_hook(lambda module, inputs, output: rows.append(output.shape[0]))
         return model
 
-    monkeypatch.setattr(distill_run, "load_checkpoint", counting)
+    monkeypatch.setattr(distill_teachers, "load_checkpoint", counting)
     cfg = load_distill_config(None, [f"teacher.runs=[{teacher_run}]", "teacher.source=generalist",
                                      "student.train.epochs=4", "student.train.patience=0", "student.init=scratch"])
     out = run_distill(cfg, tmp_path / "once", **QUIET)

@@ -17,7 +17,8 @@ from specialists.models import create_model, load_checkpoint
 from specialists.report import format_results
 from specialists.rundir import RunDir, RunDirError, read_json
 from specialists.runtime import dataset_for_run
-from specialists.specialist import EnrichedSampler, budget_shares, dustbin_corrected
+from specialists.dustbin import EnrichedSampler, dustbin_corrected
+from specialists.specialist_data import budget_shares
 from specialists.stages import fork_run, run_pipeline
 from specialists.train import cross_entropy, train_model
 

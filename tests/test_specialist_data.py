@@ -19,9 +19,10 @@ from specialists.data import load_dataset
 from specialists.distill import collapse_labels, distillation_loss
 from specialists.generalist import fit_generalist
 from specialists.models import with_dustbin_head
-from specialists.specialist import (EnrichedSampler, ShardStore, conditional_accuracy, cut_generalist_outputs,
-                                    dustbin_correction, dustbin_corrected, plan_specialist, specialist_data,
-                                    specialist_soft_targets, specialist_train_config, train_specialist)
+from specialists.dustbin import EnrichedSampler, dustbin_correction, dustbin_corrected, specialist_soft_targets
+from specialists.specialist import conditional_accuracy, train_specialist
+from specialists.specialist_data import (ShardStore, cut_generalist_outputs, plan_specialist, specialist_data,
+                                         specialist_train_config)
 from specialists.train import predict_classes, predict_logits, seed_everything, train_model
 
 

@@ -24,9 +24,9 @@ from specialists.models import create_model, load_checkpoint, with_dustbin_head
 from specialists.parallel import ray_session, train_specialists
 from specialists.rundir import RunDir, RunDirError
 from specialists.runtime import dataset_for_run
-from specialists.specialist import (EnrichedSampler, ShardStore, conditional_accuracy, cut_generalist_outputs,
-                                    dustbin_correction, dustbin_corrected, load_specialist, plan_specialist,
-                                    specialist_data, specialist_soft_targets, train_specialist)
+from specialists.dustbin import EnrichedSampler, dustbin_correction, dustbin_corrected, specialist_soft_targets
+from specialists.specialist import conditional_accuracy, load_specialist, train_specialist
+from specialists.specialist_data import ShardStore, cut_generalist_outputs, plan_specialist, specialist_data
 from specialists.stages import run_pipeline
 from specialists.train import predict_logits
 
