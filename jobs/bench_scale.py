@@ -10,7 +10,8 @@ Each size is issue 15's command with C classes: `specialists run` of
 `--config` with data.synthetic.n_classes=C, n_groups=C/20 (so specialists of
 about 20 classes), train_per_class=per_class x scale, test_per_class=4,
 train.epochs=3, specialists.epochs=2, specialists.patience=0,
-peer.enabled=false, then `--set` overrides. Each runs in a fresh Python
+specialists.budget=0 (no budget: each specialist trains its two epochs, as
+when the issue measured it), peer.enabled=false, then `--set` overrides. Each runs in a fresh Python
 process, which is the run's driver, so every peak is that run's own. A thread
 in it samples every 0.1 s:
 
@@ -104,7 +105,8 @@ def size_overrides(classes: int, per_class: int, extra: list[str], as_is: bool =
         return list(extra)
     return [f"data.synthetic.n_classes={classes}", f"data.synthetic.n_groups={max(1, classes // 20)}",
             f"data.synthetic.train_per_class={per_class}", "data.synthetic.test_per_class=4", "train.epochs=3",
-            "specialists.epochs=2", "specialists.patience=0", "peer.enabled=false", *extra]
+            "specialists.epochs=2", "specialists.patience=0", "specialists.budget=0", "peer.enabled=false",
+            *extra]
 
 
 def run_one(config: str, overrides: list[str], out: Path) -> dict:

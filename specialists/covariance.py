@@ -23,6 +23,9 @@ __all__ = [
 ]
 
 
+PRODUCT_BLOCK_ELEMENTS = 1 << 22  # rows x C of one block of the batch product
+
+
 class CovarianceAccumulator:
     """Running mean and covariance of probability rows, fed batch by batch.
 
@@ -114,18 +117,21 @@ class CovarianceAccumulator:
         # and the mean stays within the tests' 1e-5 relative bound.
         mean_b = x.mean(dim=0)  # (C,)
         xc = x - mean_b  # (B, C) centred: no cancellation in the product below
-        m2_b = xc.T @ xc  # (C, C) in matmul_dtype: the O(B * C^2) part
-        del xc
         mean_b = mean_b.to(torch.float64)
         if self._count == 0:
             self._mean = mean_b
-            self._m2 = m2_b.to(torch.float64)
-        else:
+            self._m2 = torch.zeros((self.n_classes, self.n_classes), dtype=torch.float64, device=self.device)
+        # The O(B * C^2) product in matmul_dtype, a block of rows of M2 at a time: its temporaries stay
+        # O(rows * C), not a second (C, C) matrix (one block whenever C <= PRODUCT_BLOCK_ELEMENTS / C).
+        step = max(1, PRODUCT_BLOCK_ELEMENTS // self.n_classes)
+        for start in range(0, self.n_classes, step):
+            rows = slice(start, start + step)
+            self._m2[rows] += xc[:, rows].T @ xc  # promotes to float64 in place
+        if self._count:
             # Chan, Golub & LeVeque: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
             n_a, n = self._count, self._count + nb
             delta = mean_b - self._mean
             self._mean += delta * (nb / n)
-            self._m2 += m2_b  # promotes to float64 in place
             self._m2.addr_(delta, delta, alpha=n_a * nb / n)
         self._count += nb
         return self
@@ -178,14 +184,17 @@ def streamed_covariance(
     return acc.covariance(), acc.mean, acc.count
 
 
-def correlation_from_covariance(cov) -> np.ndarray:
+def correlation_from_covariance(cov, *, overwrite: bool = False) -> np.ndarray:
     """(C, C) float64 correlation matrix from a covariance matrix.
 
     A class with zero variance (the generalist gives it a constant
     probability) correlates with nothing: its row and column are 0 and its
-    diagonal entry is 1.
+    diagonal entry is 1. overwrite=True writes it over `cov` when that is a
+    C-contiguous float64 array (no second (C, C) matrix).
     """
-    return normalized_covariance(check_covariance(cov), "correlation", torch.device("cpu"), torch.float64).numpy()
+    cov = check_covariance(cov)
+    out = torch.from_numpy(cov) if overwrite else None
+    return normalized_covariance(cov, "correlation", torch.device("cpu"), torch.float64, out=out).numpy()
 
 
 def check_covariance(cov) -> np.ndarray:
@@ -222,13 +231,15 @@ def _blocks(n: int, elements: int = 2**22):
 
 
 def normalized_covariance(
-    cov: np.ndarray, normalize: str, device: torch.device, dtype: torch.dtype = torch.float32
+    cov: np.ndarray, normalize: str, device: torch.device, dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(C, C) points to cluster, on device: row i describes class i, scaled as `normalize` says.
 
     The covariance is symmetric, so row i is column i: how class i's predicted
     probability co-varies with every class. Scaling is done in float64 block by
     block, so tiny variances neither underflow nor need a float64 (C, C) copy.
+    out: the (C, C) tensor to write, which may share `cov`'s memory (each block reads only its own rows).
     """
     t = torch.from_numpy(cov)  # (C, C) float64, shared
     n = cov.shape[0]
@@ -239,7 +250,7 @@ def normalized_covariance(
     elif normalize == "l2":  # unit-length columns, compared by angle
         norms = torch.linalg.vector_norm(t, dim=1)
         row_scale = torch.where(norms > 0, 1.0 / norms, 0.0)
-    x = torch.empty((n, n), dtype=dtype, device=device)
+    x = torch.empty((n, n), dtype=dtype, device=device) if out is None else out
     for _, rows in _blocks(n):
         block = t[rows]
         if row_scale is not None:

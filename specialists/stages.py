@@ -253,7 +253,7 @@ def write_run_report(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torc
         cov, _ = signal_matrix(again, dataset, model, device, f"the generalist ({run.generalist})")
     kind = "covariance" if cfg.cluster.normalize == "covariance" else "correlation"
     if kind == "correlation":
-        cov = correlation_from_covariance(cov)
+        cov = correlation_from_covariance(cov, overwrite=True)  # no second (C, C) matrix
     paths = write_report(
         run.report, dataset.classes, cov, [g["classes"] for g in clusters["groups"]], matrix_kind=kind,
         uncovered=clusters["uncovered"]["classes"],

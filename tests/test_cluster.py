@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from jobs.bench_cluster import make_confusable_probabilities  # the benchmark's planted input
+from specialists import covariance
 from specialists.cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json
 from specialists.covariance import CovarianceAccumulator, correlation_from_covariance, streamed_covariance
 from specialists.report import within_between
@@ -80,6 +81,16 @@ def test_streamed_covariance_survives_near_constant_class():
     assert cov[0, 0] > 0
 
 
+def test_blocked_product_equals_numpy(planted, monkeypatch):
+    # Large C multiplies a few rows of M2 at a time; force blocks of 3 rows (and a short last one) here.
+    probs, _, _, direct = planted
+    monkeypatch.setattr(covariance, "PRODUCT_BLOCK_ELEMENTS", 3 * N_CLASSES)
+    assert N_CLASSES % 3
+    cov, _, _ = streamed_covariance(np.array_split(probs, 7), N_CLASSES)
+    assert np.abs(cov - direct).max() <= 1e-5 * np.abs(direct).max()
+    np.testing.assert_array_equal(cov, cov.T)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_streamed_covariance_cuda_matches_cpu(planted):
     probs, _, _, direct = planted
@@ -119,6 +130,11 @@ def test_correlation_from_covariance(planted):
     # A class with constant probability correlates with nothing.
     corr = correlation_from_covariance(np.diag([1.0, 0.0, 4.0]))
     np.testing.assert_array_equal(corr, np.eye(3))
+    # overwrite=True: the same matrix, written over the covariance it was given (no second (C, C) matrix).
+    mine = cov.copy()
+    corr = correlation_from_covariance(mine, overwrite=True)
+    np.testing.assert_array_equal(corr, correlation_from_covariance(cov))
+    assert np.shares_memory(corr, mine)
 
 
 # ---------------------------------------------------------------- clustering
