@@ -234,7 +234,7 @@ class ClusterConfig:
     normalize: str = "l2"  # l2 (spherical K-means on unit columns) | correlation | covariance
     niter: int = 25
     nredo: int = 5
-    batch_size: int = 4096
+    batch_size: int = 4096  # rows per batch of the signal; fewer at large C (covariance.rows_per_batch)
     # one of CLUSTER_SIGNALS (signals.py). probs by measurement: tempered T=2 holds more of the held-out errors
     # inside clusters but did not lower the ensemble's validation errors on Banking77 (README, cluster signals)
     signal: str = "probs"

@@ -18,12 +18,19 @@ __all__ = [
     "CovarianceAccumulator",
     "check_covariance",
     "correlation_from_covariance",
+    "rows_per_batch",
     "normalized_covariance",
     "streamed_covariance",
 ]
 
 
-PRODUCT_BLOCK_ELEMENTS = 1 << 22  # rows x C of one block of the batch product
+PRODUCT_BLOCK_ELEMENTS = 1 << 22  # rows x C of one block of the batch product, and at most of one batch
+
+
+def rows_per_batch(batch_size: int, n_classes: int) -> int:
+    """`batch_size` rows, fewer when C is large: a batch's (B, C) temporaries stay within
+    PRODUCT_BLOCK_ELEMENTS each (at least 256 rows, so the product stays a large GEMM)."""
+    return min(batch_size, max(256, PRODUCT_BLOCK_ELEMENTS // n_classes))
 
 
 class CovarianceAccumulator:
@@ -136,13 +143,26 @@ class CovarianceAccumulator:
         self._count += nb
         return self
 
-    def covariance(self) -> np.ndarray:
-        """(C, C) float64 population covariance (divide by N), exactly symmetric."""
+    def covariance(self, *, release: bool = False) -> np.ndarray:
+        """(C, C) float64 population covariance (divide by N), exactly symmetric.
+
+        release=True hands over the accumulator's own matrix, symmetrised and
+        scaled in place a block of rows at a time (no second (C, C) matrix); the
+        accumulator is empty afterwards.
+        """
         self._require_rows()
-        # The float product is symmetric only up to rounding: average with the
-        # transpose (one (C, C) temporary).
-        cov = torch.add(self._m2, self._m2.T).mul_(0.5 / self._count)
-        return cov.cpu().numpy()
+        # The float product is symmetric only up to rounding: average with the transpose.
+        scale = 0.5 / self._count
+        if not release:
+            return torch.add(self._m2, self._m2.T).mul_(scale).cpu().numpy()  # one (C, C) temporary
+        m2, self._m2, self._mean, self._count = self._m2, None, None, 0
+        step = max(1, PRODUCT_BLOCK_ELEMENTS // self.n_classes)
+        for start in range(0, self.n_classes, step):
+            rows = slice(start, start + step)  # rows and columns before `start` are done
+            block = torch.add(m2[rows, start:], m2[start:, rows].T).mul_(scale)
+            m2[rows, start:] = block
+            m2[start:, rows] = block.T
+        return m2.cpu().numpy()
 
     def _require_rows(self):
         if self._count == 0:

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .covariance import CovarianceAccumulator
+from .covariance import CovarianceAccumulator, rows_per_batch
 from .choices import CLUSTER_SIGNALS, LABELLED_SIGNALS
 from .config import RunConfig
 from .data import Dataset, fold_of_rows  # fold_of_rows: re-exported
@@ -88,7 +88,7 @@ def tempered_covariance(logits: Iterable[torch.Tensor], n_classes: int, temperat
     for z in logits:
         z = torch.as_tensor(z).float()
         acc.update(torch.softmax(z if temperature == 1.0 else z / temperature, dim=1))
-    return acc.covariance()
+    return acc.covariance(release=True)
 
 
 def confusion_similarity(logits: Iterable[torch.Tensor], labels: np.ndarray, n_classes: int,
@@ -163,7 +163,8 @@ def iter_out_of_fold_logits(cfg: RunConfig, dataset: Dataset, device: torch.devi
         record = {"fold": f, "examples_seen": result.examples_seen, "seconds": round(result.seconds, 3),
                   "rows": int(len(held))}
         start = 0
-        for logits in model_logits(model, dataset.train.take(held).inputs, cfg.cluster.batch_size, device):
+        for logits in model_logits(model, dataset.train.take(held).inputs,
+                                   rows_per_batch(cfg.cluster.batch_size, dataset.n_classes), device):
             yield held[start:start + len(logits)], logits, record
             start += len(logits)
 

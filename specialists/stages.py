@@ -23,7 +23,7 @@ import torch
 
 from .cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json
 from .config import ConfigError, RunConfig, dump_config, load_config, parse_override, to_dict
-from .covariance import correlation_from_covariance
+from .covariance import correlation_from_covariance, rows_per_batch
 from .data import Dataset, Split, check_run_fits_data, load_dataset, read_unlabeled_inputs
 from .evaluation import StreamedComparison
 from .generalist import fit_generalist, is_loaded, load_generalist
@@ -109,7 +109,8 @@ def signal_matrix(cfg: RunConfig, dataset: Dataset, model: torch.nn.Module, devi
                   name: str = "the model") -> tuple[np.ndarray, dict]:
     """The (C, C) matrix of cluster.signal for this generalist, and signals.confusability's record."""
     inputs, labels = signal_inputs(cfg, dataset)
-    logits = None if inputs is None else checked_logits(model, inputs, cfg.cluster.batch_size, device, name)
+    batch = rows_per_batch(cfg.cluster.batch_size, dataset.n_classes)
+    logits = None if inputs is None else checked_logits(model, inputs, batch, device, name)
     return confusability(cfg, model, device, logits=logits, labels=labels, dataset=dataset)
 
 

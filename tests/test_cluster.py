@@ -89,6 +89,14 @@ def test_blocked_product_equals_numpy(planted, monkeypatch):
     cov, _, _ = streamed_covariance(np.array_split(probs, 7), N_CLASSES)
     assert np.abs(cov - direct).max() <= 1e-5 * np.abs(direct).max()
     np.testing.assert_array_equal(cov, cov.T)
+    # release=True: the same matrix, made in the accumulator's own memory, which is then empty.
+    acc = CovarianceAccumulator(N_CLASSES)
+    for batch in np.array_split(probs, 7):
+        acc.update(batch)
+    np.testing.assert_array_equal(acc.covariance(release=True), cov)
+    assert acc.count == 0
+    with pytest.raises(ValueError, match="no rows"):
+        acc.covariance()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
