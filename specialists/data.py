@@ -360,6 +360,9 @@ def load_mnist(cfg: DataConfig) -> tuple[str, list[str], Split, Split]:
 # synthetic
 
 
+SYNTHETIC_CHUNK = 1 << 14  # rows generated at a time
+
+
 def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[list[str], Split, Split, list[list[int]]]:
     """A seeded large label set with planted groups of confusable classes.
 
@@ -385,9 +388,12 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[list[str], Split, S
     def sample(per_class: int) -> Split:
         counts = np.maximum(2, np.round(per_class * weights)).astype(int)  # >= 2: one may go to validation
         labels = np.repeat(np.arange(C), counts)
-        X = centres[labels] + rng.normal(0.0, cfg.noise, size=(len(labels), D))
+        X = np.empty((len(labels), D), dtype=np.float32)
+        for start in range(0, len(labels), SYNTHETIC_CHUNK):  # float64 temporaries of one chunk, same draws
+            rows = slice(start, start + SYNTHETIC_CHUNK)
+            X[rows] = centres[labels[rows]] + rng.normal(0.0, cfg.noise, size=(len(labels[rows]), D))
         order = rng.permutation(len(labels))
-        return Split(X[order].astype(np.float32), labels[order].astype(np.int64))
+        return Split(X[order], labels[order].astype(np.int64))
 
     train = sample(cfg.train_per_class)
     test = sample(cfg.test_per_class)

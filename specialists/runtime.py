@@ -7,6 +7,8 @@ Shared by `stages.py` (`specialists run/cluster/evaluate/report`) and
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,9 +23,13 @@ from .rundir import RunDir, RunDirError
 
 Log = Callable[[str], None]
 
+LARGE_ALLOCATION = 4 << 20  # bytes: larger allocations get their own mapping (return_large_frees_to_os)
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
 
 def setup_torch(cfg) -> torch.device:
-    """Apply `cfg.threads` and resolve `cfg.device` (any config with those two fields).
+    """Apply `cfg.threads`, return freed large blocks to the OS, and resolve `cfg.device`
+    (any config with those two fields).
 
     A config that names a user model's factory (model.factory) is the user's
     instruction to run it, so the run's checkpoints may call it too
@@ -31,10 +37,23 @@ def setup_torch(cfg) -> torch.device:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return_large_frees_to_os()
     factory = getattr(getattr(cfg, "model", None), "factory", "")
     if factory:
         trust_factory(factory)
     return resolve_device(cfg.device)
+
+
+def return_large_frees_to_os() -> None:
+    """Have glibc map every allocation over LARGE_ALLOCATION on its own, so that freeing one returns
+    it to the OS at once. By default glibc raises that threshold as large blocks are freed and keeps
+    later ones in its heap, so a stage's (B, C) and (C, C) temporaries stay resident into the next
+    stages (README, Scale). A no-op where the C library has no mallopt."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+    except (OSError, AttributeError):
+        pass
 
 
 def default_out_dir(name: str) -> Path:

@@ -384,10 +384,10 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
     """
     saved, cfg, run = prepare_run(cfg, out, resume, overrides, log)
     started = time.perf_counter()
+    device = setup_torch(cfg)
     dataset = load_dataset(cfg.data, cfg.seed)  # validate data and model before anything is written
     check_run_fits_data(cfg, dataset)
     model_kwargs(cfg.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
-    device = setup_torch(cfg)
     if _needs_ray(cfg, run, resume):
         from .parallel import preflight  # ray: imported only by runs that train specialists
 
