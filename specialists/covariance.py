@@ -24,13 +24,13 @@ __all__ = [
 ]
 
 
-PRODUCT_BLOCK_ELEMENTS = 1 << 22  # rows x C of one block of the batch product, and at most of one batch
+BLOCK_ELEMENTS = 1 << 22  # (rows, C) blocks of a (C, C) pass, and the most values of one batch of rows
 
 
 def rows_per_batch(batch_size: int, n_classes: int) -> int:
     """`batch_size` rows, fewer when C is large: a batch's (B, C) temporaries stay within
-    PRODUCT_BLOCK_ELEMENTS each (at least 256 rows, so the product stays a large GEMM)."""
-    return min(batch_size, max(256, PRODUCT_BLOCK_ELEMENTS // n_classes))
+    BLOCK_ELEMENTS each (at least 256 rows, so the product stays a large GEMM)."""
+    return min(batch_size, max(256, BLOCK_ELEMENTS // n_classes))
 
 
 class CovarianceAccumulator:
@@ -128,12 +128,11 @@ class CovarianceAccumulator:
         if self._count == 0:
             self._mean = mean_b
             self._m2 = torch.zeros((self.n_classes, self.n_classes), dtype=torch.float64, device=self.device)
-        # The O(B * C^2) product in matmul_dtype, a block of rows of M2 at a time: its temporaries stay
-        # O(rows * C), not a second (C, C) matrix (one block whenever C <= PRODUCT_BLOCK_ELEMENTS / C).
-        step = max(1, PRODUCT_BLOCK_ELEMENTS // self.n_classes)
-        for start in range(0, self.n_classes, step):
-            rows = slice(start, start + step)
-            self._m2[rows] += xc[:, rows].T @ xc  # promotes to float64 in place
+        m2_b = xc.T @ xc  # (C, C) in matmul_dtype: the O(B * C^2) part, one GEMM
+        del xc
+        for _, rows in _blocks(self.n_classes):  # promoted a block at a time: no (C, C) float64 temporary
+            self._m2[rows] += m2_b[rows]
+        del m2_b
         if self._count:
             # Chan, Golub & LeVeque: merge (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
             n_a, n = self._count, self._count + nb
@@ -156,9 +155,7 @@ class CovarianceAccumulator:
         if not release:
             return torch.add(self._m2, self._m2.T).mul_(scale).cpu().numpy()  # one (C, C) temporary
         m2, self._m2, self._mean, self._count = self._m2, None, None, 0
-        step = max(1, PRODUCT_BLOCK_ELEMENTS // self.n_classes)
-        for start in range(0, self.n_classes, step):
-            rows = slice(start, start + step)  # rows and columns before `start` are done
+        for start, rows in _blocks(self.n_classes):  # rows and columns before `start` are done
             block = torch.add(m2[rows, start:], m2[start:, rows].T).mul_(scale)
             m2[rows, start:] = block
             m2[start:, rows] = block.T
@@ -243,9 +240,9 @@ def check_covariance(cov) -> np.ndarray:
     return cov
 
 
-def _blocks(n: int, elements: int = 2**22):
-    """(start, slice) over row blocks of an (n, n) matrix, ~``elements`` each."""
-    step = max(1, elements // n)
+def _blocks(n: int):
+    """(start, slice) over row blocks of an (n, n) matrix, ~BLOCK_ELEMENTS each."""
+    step = max(1, BLOCK_ELEMENTS // n)
     for i in range(0, n, step):
         yield i, slice(i, min(n, i + step))
 

@@ -82,9 +82,9 @@ def test_streamed_covariance_survives_near_constant_class():
 
 
 def test_blocked_product_equals_numpy(planted, monkeypatch):
-    # Large C multiplies a few rows of M2 at a time; force blocks of 3 rows (and a short last one) here.
+    # Large C promotes and symmetrises M2 a few rows at a time; force blocks of 3 rows (and a short last one).
     probs, _, _, direct = planted
-    monkeypatch.setattr(covariance, "PRODUCT_BLOCK_ELEMENTS", 3 * N_CLASSES)
+    monkeypatch.setattr(covariance, "BLOCK_ELEMENTS", 3 * N_CLASSES)
     assert N_CLASSES % 3
     cov, _, _ = streamed_covariance(np.array_split(probs, 7), N_CLASSES)
     assert np.abs(cov - direct).max() <= 1e-5 * np.abs(direct).max()
