@@ -81,7 +81,7 @@ def test_streamed_covariance_survives_near_constant_class():
     assert cov[0, 0] > 0
 
 
-def test_blocked_product_equals_numpy(planted, monkeypatch):
+def test_blocked_promotion_and_release_equal_numpy(planted, monkeypatch):
     # Large C promotes and symmetrises M2 a few rows at a time; force blocks of 3 rows (and a short last one).
     probs, _, _, direct = planted
     monkeypatch.setattr(covariance, "BLOCK_ELEMENTS", 3 * N_CLASSES)
