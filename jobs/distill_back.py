@@ -5,8 +5,9 @@
 For each seed: the teacher run `RUNS/<name>_s<seed>` (a `specialists run` of
 `--config` with `seed=<seed>`, made when missing), then one `specialists
 distill` per teacher: the generalist + specialists (`combined`), the peer
-ensemble (`peers`, section 4), and the hybrid (all full models + specialists)
-when the run's config asks for one (`combine.generalists > 1`). Each line
+ensemble (`peers`, section 4), and the hybrid (`hybrid`: the generalist, every
+finished peer member and the specialists in one section 5.4 combination),
+the last two when the run trained peers. Each line
 gives the generalist's, the teacher's and the student's test accuracy, the
 kept gain (`distill_run.KEPT_GAIN_DEFINITION`) and the extra training cost
 (the student's training examples over the generalist's, and seconds). Every
@@ -26,6 +27,7 @@ from pathlib import Path
 from specialists.config import load_config
 from specialists.distill_config import load_distill_config
 from specialists.distill_run import run_distill
+from specialists.distill_teachers import finished_peers
 from specialists.rundir import RunDir, write_json
 from specialists.stages import run_pipeline
 
@@ -51,12 +53,9 @@ def teacher_run(config: str | None, seed: int, root: Path, log=print) -> RunDir:
 
 
 def teachers_of(run: RunDir, wanted: list[str]) -> list[str]:
-    cfg = load_config(run.config)
     have = ["combined"]
-    if (run.peers / "1" / "member.json").is_file():
-        have.append("peers")
-        if cfg.combine.generalists > 1:
-            have.append("hybrid")
+    if finished_peers(run):
+        have += ["peers", "hybrid"]
     return [t for t in wanted if t in have]
 
 

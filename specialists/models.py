@@ -245,8 +245,14 @@ class _ArrayModel(nn.Module):
         return "image" if len(self.input_shape) == 2 else "features"
 
     def fit_normalizer(self, x: np.ndarray) -> None:
-        """Per-feature standardisation from training inputs (N, *input_shape)."""
+        """Standardisation from training inputs (N, *input_shape): per feature for vectors, one mean and std
+        over all pixels for images (a pixel that is almost always blank would otherwise turn the ink that
+        jitter or a test image puts there into values hundreds of standard deviations out)."""
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+        if self.input_kind == "image":
+            self.input_mean.fill_(x.mean().item())
+            self.input_std.fill_(max(x.std().item(), 1e-6))
+            return
         self.input_mean.copy_(x.mean(0))
         std = x.std(0)
         self.input_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))

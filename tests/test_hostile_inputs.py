@@ -257,6 +257,32 @@ def test_diverging_training_stops_naming_stage_epoch_and_setting():
 
 
 # ---------------------------------------------------------------------------
+# images with ink where the training images had almost none
+
+
+def test_ink_in_a_pixel_blank_in_training_stays_in_range():
+    """One mean and std over all pixels: ink that jitter or a test image puts in a pixel blank in nearly all
+    training images is as large as ink anywhere else, not hundreds of (that pixel's) standard deviations."""
+    rng = np.random.default_rng(0)
+    train = np.zeros((1000, 8, 8), np.float32)
+    train[:, 2:6, 2:6] = rng.random((1000, 4, 4))
+    train[0, 0, 0] = 1.0  # the corner is inked in one training image of 1,000
+    model = create_model("mlp", n_classes=2, input_shape=[8, 8], hidden=[4], dropout=0.0).eval()
+    model.fit_normalizer(train)
+    test = np.zeros((1, 8, 8), np.float32)
+    test[0, 0, 0] = test[0, 4, 4] = 1.0
+    z = model.normalise(torch.as_tensor(test))[0]
+    assert z[0, 0] == pytest.approx(z[4, 4]) and abs(float(z[0, 0])) < 10
+    assert z.abs().max() == pytest.approx(z[0, 0].abs())  # the blank pixels sit at the one mean
+
+    vectors = create_model("mlp", n_classes=2, input_shape=[3], hidden=[4], dropout=0.0).eval()
+    x = rng.normal([0.0, 5.0, -2.0], [1.0, 10.0, 0.1], size=(500, 3)).astype(np.float32)
+    vectors.fit_normalizer(x)  # feature vectors keep their own mean and std per feature
+    z = vectors.normalise(torch.as_tensor(x)).numpy()
+    assert np.allclose(z.mean(0), 0, atol=1e-4) and np.allclose(z.std(0, ddof=1), 1, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------
 # run directories: the loaded model's inputs (bug 2) and untrusted files
 
 
