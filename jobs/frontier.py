@@ -1,7 +1,7 @@
 """Issue 11's accuracy-compute frontier: peers vs specialists vs hybrids at equal extra compute.
 
     python -m jobs.frontier [--config FILE] --budgets 0.25 0.5 1 2 --seeds 0 1 2 [--out DIR]
-                            [--variants default ...] [--markdown FILE] [--png FILE]
+                            [--variants default ...]
 
 Compute is counted as training examples processed (forward + backward
 passes), relative to E, the generalist's own `examples_seen`. At each extra
