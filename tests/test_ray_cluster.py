@@ -23,19 +23,13 @@ import pytest
 import ray
 import torch
 
-from conftest import REPO, TINY_SYNTHETIC, tiny_config
+from conftest import REPO, TINY_SYNTHETIC, agent_ports, free_port, tiny_config
 from specialists.config import ConfigError, RayConfig
 from specialists.parallel import ray_session
 from specialists.stages import run_pipeline
 
 RAY = Path(sys.executable).parent / "ray"
 EXCLUDES = [".git", ".venv", "runs", "build", "*.egg-info", ".pytest_cache", "__pycache__"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,7 +45,7 @@ def ray_head():
     cmd = [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
            f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
-           f"--temp-dir={temp_dir}"]
+           f"--temp-dir={temp_dir}", *agent_ports()]
     log = open(Path(temp_dir) / "head.log", "w")
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

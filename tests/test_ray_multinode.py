@@ -17,7 +17,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from conftest import REPO, TINY_SYNTHETIC, tiny_config
+from conftest import REPO, TINY_SYNTHETIC, agent_ports, free_port, tiny_config
 from jobs.procs import ray_processes_under
 from specialists.stages import run_pipeline
 
@@ -42,19 +41,6 @@ EXCLUDES = [".git", ".venv", "runs", "build", "*.egg-info", ".pytest_cache", "__
 RUN = [*TINY_SYNTHETIC, "cluster.classes_per_cluster=5", "specialists.enabled=true", "ray.cpus_per_task=1",
        "peer.enabled=false", "specialists.budget=0", "specialists.epochs=400", "specialists.patience=0"]
 VOLATILE = {"seconds", "cpu_seconds", "worker", "weights_sha256"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _agent_ports() -> list[str]:
-    """Every port a node's agents would otherwise take at a fixed default: two nodes on one host collide."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
 
 
 def _nodes(url: str, headers: dict) -> dict[str, list[str]]:
@@ -98,10 +84,10 @@ def two_nodes(monkeypatch):
     head_cmd = [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                 f"--ray-client-server-port={free_port()}", "--num-cpus=1", "--disable-usage-stats",
-                f"--temp-dir={temp_dir}", *_agent_ports()]
+                f"--temp-dir={temp_dir}", *agent_ports()]
     # its own temp dir too: on one host, nodes sharing one would share (and garbage-collect) the job's files
     worker_cmd = [str(RAY), "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                  "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}/w", *_agent_ports()]
+                  "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}/w", *agent_ports()]
     logs = [open(Path(temp_dir) / name, "w") for name in ("head.log", "worker.log")]
     head = subprocess.Popen(head_cmd, stdout=logs[0], stderr=subprocess.STDOUT, env=env, start_new_session=True)
     worker = None
