@@ -1,6 +1,6 @@
 """The MNIST experiments of Hinton, Vinyals & Dean (2015, section 3), ours beside the paper's.
 
-    python -m jobs.mnist_paper --quick [--out DIR] [--data DIR] [--threads N]   # ~3.5 min on 2 CPU cores
+    python -m jobs.mnist_paper --quick [--out DIR] [--data DIR] [--threads N]   # 5-7 min on 2 CPU cores
     python -m jobs.mnist_paper --full  [--out DIR] [--device cpu|cuda]          # the full schedule (GPU or CPU)
     python -m jobs.mnist_paper --full --out DIR                                 # again: resumes where it stopped
 
@@ -19,7 +19,7 @@
 
 `--quick` trains on a seeded stratified 6,000 of the 60,000 training images
 (5,400 after the validation split), the big net for 50 epochs and the small
-ones for 40, with one torch thread: ~3.5 min on the 2-core development
+ones for 40, with one torch thread: 5-7 min on the 2-core development
 machine. Its error counts are several times the paper's (less data, shorter
 training); the test set is always all 10,000 images. `--full` uses all 54,000
 training images, 60 epochs each (early stopping after 10 without validation
