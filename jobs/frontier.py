@@ -292,7 +292,7 @@ def summarise(results: dict[int, dict], budgets: list[float], title: str) -> tup
         best = min(("specialists", "hybrid"), key=lambda m: means.get(m, {}).get(budget, float("inf")))
         if budget in means.get(best, {}) and budget in means.get("peer", {}):
             won = means[best][budget] < means["peer"][budget]
-            rows.append([f"{budget:g}", f"best of (b), (c) vs (a)", f"{means[best][budget] - means['peer'][budget]:+.1f}",
+            rows.append([f"{budget:g}", "best of (b), (c) vs (a)", f"{means[best][budget] - means['peer'][budget]:+.1f}",
                          "", "", "won" if won else "NOT won"])
     doc.add(Table(["B", "method", "test errors per seed (mean)", "examples (x E)", "CPU-s", "settings per seed"],
                   rows))
