@@ -251,7 +251,8 @@ class _ArrayModel(nn.Module):
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
         if self.input_kind == "image":
             self.input_mean.fill_(x.mean().item())
-            self.input_std.fill_(max(x.std().item(), 1e-6))
+            std = x.std().item()
+            self.input_std.fill_(std if std > 1e-6 else 1.0)  # as a constant feature below
             return
         self.input_mean.copy_(x.mean(0))
         std = x.std(0)

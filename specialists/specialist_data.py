@@ -102,7 +102,8 @@ class ShardStore:
     `folder` (written in place, never memory-mapped), so what the driver holds
     does not grow with N x C. Allocating up front, not block by block, also
     keeps thousands of small long-lived blocks from splitting the large
-    short-lived ones' freed heap, which glibc then cannot give back. `pop` hands an array back whole and forgets it.
+    short-lived ones' freed heap, which glibc then cannot give back. `pop`
+    hands an array back whole and forgets it.
     """
 
     def __init__(self, folder: str | Path, memory_bytes: int = 256 << 20):

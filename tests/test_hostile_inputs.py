@@ -275,6 +275,10 @@ def test_ink_in_a_pixel_blank_in_training_stays_in_range():
     assert z[0, 0] == pytest.approx(z[4, 4]) and abs(float(z[0, 0])) < 10
     assert z.abs().max() == pytest.approx(z[0, 0].abs())  # the blank pixels sit at the one mean
 
+    blank = create_model("mlp", n_classes=2, input_shape=[8, 8], hidden=[4], dropout=0.0).eval()
+    blank.fit_normalizer(np.zeros((10, 8, 8), np.float32))  # no ink at all: std 1, as for a constant feature
+    assert float(blank.normalise(torch.as_tensor(test))[0, 0, 0]) == pytest.approx(1.0)
+
     vectors = create_model("mlp", n_classes=2, input_shape=[3], hidden=[4], dropout=0.0).eval()
     x = rng.normal([0.0, 5.0, -2.0], [1.0, 10.0, 0.1], size=(500, 3)).astype(np.float32)
     vectors.fit_normalizer(x)  # feature vectors keep their own mean and std per feature
