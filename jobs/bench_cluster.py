@@ -191,7 +191,7 @@ def run(n_classes, n_rows, device, batch_size, seed, repeat, temperature=1.0):
         keep("covariance", wall, cpu, mem)
         wall, cpu, _, mem = stage(device, lambda: clusterer.fit(cov))
         keep("clustering", wall, cpu, mem)
-        del cov
+        cov = None  # free it before the next repeat's product
 
     truth = np.empty(n_classes, dtype=np.int64)
     for g, members in enumerate(groups):
@@ -208,7 +208,6 @@ def run(n_classes, n_rows, device, batch_size, seed, repeat, temperature=1.0):
         f"{len(clusterer.groups_)} groups, {len(clusterer.uncovered_)} uncovered",
         flush=True,
     )
-    del p, z
 
 
 def main(argv=None):

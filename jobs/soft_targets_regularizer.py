@@ -51,7 +51,7 @@ def table(m: dict, data: str, fraction: float, seconds: float) -> str:
     n = m["transfer"]["examples"]
     rows = [
         ("system", "train (its examples)", "train (all)", "test", "paper (speech) train / test"),
-        (f"100% of train, hard labels (teacher)", f"{t['transfer_accuracy']:.1%}*", "", f"{t['test_accuracy']:.1%}",
+        ("100% of train, hard labels (teacher)", f"{t['transfer_accuracy']:.1%}*", "", f"{t['test_accuracy']:.1%}",
          f"{PAPER['full'][0]:.1%} / {PAPER['full'][1]:.1%}"),
         (f"{fraction:.0%} ({n:,}), hard labels", f"{b['transfer_accuracy']:.1%}", f"{b['train_accuracy']:.1%}",
          f"{b['test_accuracy']:.1%}", f"{PAPER['hard'][0]:.1%} / {PAPER['hard'][1]:.1%}"),

@@ -274,7 +274,7 @@ class TorchModel(nn.Module):
 def _torch_kwargs(cfg, input_kind: str, input_shape: tuple[int, ...], n_classes: int) -> dict:
     where = f"model.factory={cfg.factory!r}"
     if input_kind == "text":
-        raise ConfigError(f"model.name=torch reads arrays (npz, mnist or synthetic data), but the data are texts; "
+        raise ConfigError("model.name=torch reads arrays (npz, mnist or synthetic data), but the data are texts; "
                           "for texts use model.name=hf or fasttext")
     with torch.random.fork_rng(devices=[]):  # the factory's initial weights: not the run's random state
         net = call_factory(cfg.factory, dict(cfg.factory_args)).float()

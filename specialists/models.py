@@ -17,6 +17,7 @@ import json
 import os
 import re
 import unicodedata
+import warnings
 import zlib
 from pathlib import Path
 
@@ -212,11 +213,19 @@ class FastText(nn.Module):
         return self.head(self.features(ids, offsets))
 
 
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """`array` as a tensor sharing its memory. A read-only array (a memory map, np.frombuffer) is shared
+    too, without torch's warning: nothing here writes to inputs, every later step makes new tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array)
+
+
 def encode_arrays(inputs, input_shape: tuple[int, ...]) -> EncodedArrays:
     """(N, *input_shape) numbers, checked, as a CPU tensor (floats as float32, NaN/inf refused)."""
     if isinstance(inputs, (str, bytes)) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
         raise TypeError(f"this model reads arrays of shape (N, {', '.join(map(str, input_shape))}), not texts")
-    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+    x = inputs if isinstance(inputs, torch.Tensor) else _shared_tensor(np.asarray(inputs))
     if tuple(x.shape[1:]) != input_shape:
         if x.ndim == 1 and tuple(x.shape) == input_shape:
             raise ValueError(f"pass a batch: shape (N, {', '.join(map(str, input_shape))}), got one example {tuple(x.shape)}")

@@ -55,7 +55,6 @@ def test_bad_csv(tmp_path, case):
     rows = text_rows(10)
     train = write_csv(tmp_path / "train.csv", rows)
     test_rows = text_rows(3, seed=1)
-    header = ("text", "intent")
     expect = {"missing_file": "does not exist", "missing_column": "no column 'intent'",
               "test_only_label": "appear in test but never in train", "ragged_row": "line 3 has 3 fields",
               "empty_label": "empty 'intent'"}[case]

@@ -13,6 +13,7 @@ import io
 import json
 import pickle
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -325,6 +326,18 @@ def test_iterable_inputs_give_the_same_answer_as_a_list(tmp_path, kind, make_inp
     assert reference.shape == (3, 4)
     assert np.array_equal(model.predict_proba(make_inputs()), reference)
     assert list(model.predict(make_inputs())) == list(model.predict(TEXTS if kind == "text" else FEATURES))
+
+
+def test_read_only_arrays_predict_without_warning_and_stay_untouched(tmp_path):
+    """A memory map or np.frombuffer is read-only: it predicts like a copy, quietly, and is not written to."""
+    model = specialists.load(make_run(tmp_path, "features"), device="cpu")
+    frozen = np.frombuffer(FEATURES.tobytes(), dtype=np.float32).reshape(FEATURES.shape)
+    assert not frozen.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" UserWarning would fail here
+        probs = model.predict_proba(frozen)
+    assert np.array_equal(probs, model.predict_proba(FEATURES.copy()))
+    assert np.array_equal(frozen, FEATURES)
 
 
 @pytest.mark.parametrize("kind", ["text", "features"])

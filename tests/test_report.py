@@ -398,7 +398,7 @@ NO_SPECIALISTS = {  # what evaluate_run writes for a run whose specialists are d
 
 def text_tables(text: str) -> list[list[str]]:
     """Each plain-text table of format_results as its lines (header, rule, rows)."""
-    tables, current = [], None
+    tables, current, prev = [], None, ""
     for line in text.splitlines():
         if re.fullmatch(r"-+( +-+)+", line):  # the rule under a header: the header starts a table
             current = [prev, line]
