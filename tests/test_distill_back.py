@@ -229,3 +229,16 @@ def test_cluster_target_term_is_the_tempered_cross_entropy_inside_the_cluster():
     expected = -(target * torch.log(q)).sum() * t * t
     assert torch.allclose(targets.loss(logits, torch.tensor([0, 1]), t), expected, atol=1e-6)
     assert targets.loss(logits, torch.tensor([1]), t) == 0
+
+
+def test_mnist_job_refuses_to_resume_under_another_schedule(tmp_path):
+    """Its steps are kept by name: resuming OUT with other epochs would mix two schedules in one table."""
+    from jobs.mnist_paper import SCHEDULES, record_schedule
+
+    full = {**SCHEDULES["full"], "seed": 0}
+    record_schedule(tmp_path, full)
+    assert json.loads((tmp_path / "schedule.json").read_text()) == full
+    record_schedule(tmp_path, dict(full))  # the same schedule resumes
+    with pytest.raises(SystemExit, match=r"schedule\.json: teacher_epochs: 100 -> 60"):
+        record_schedule(tmp_path, {**full, "teacher_epochs": 60})
+    assert json.loads((tmp_path / "schedule.json").read_text()) == full  # the record is kept
