@@ -264,7 +264,7 @@ def test_a_freed_large_block_goes_back_to_the_os():
     """Every command calls return_large_frees_to_os, so one stage's large temporaries do not stay resident
     through the next. Without it glibc, having freed a 16 MiB block, serves 8 MiB from its heap and keeps it."""
     script = textwrap.dedent("""
-        import os, sys
+        import os
         import numpy as np
         def rss():
             with open("/proc/self/statm") as f:
