@@ -215,6 +215,19 @@ def record_schedule(out: Path, settings: dict) -> None:
         write_json(path, settings)
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low, refused before anything is written to OUT."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -228,9 +241,9 @@ def main(argv: list[str] | None = None) -> None:
                         "--full); on a busy 2-core machine two threads wait on each other and run 2-5x slower")
     parser.add_argument("--seed", type=int, default=0)
     over = parser.add_argument_group("schedule overrides (to compare schedules on validation)")
-    over.add_argument("--teacher-epochs", type=int)
-    over.add_argument("--student-epochs", type=int)
-    over.add_argument("--patience", type=int, help="epochs without validation gain before stopping (0: never)")
+    over.add_argument("--teacher-epochs", type=_at_least(1))
+    over.add_argument("--student-epochs", type=_at_least(1))
+    over.add_argument("--patience", type=_at_least(0), help="epochs without validation gain before stopping (0: never)")
     over.add_argument("--lr-schedule", choices=["constant", "linear"])
     args = parser.parse_args(argv)
     schedule = "quick" if args.quick else "full"

@@ -213,19 +213,23 @@ class FastText(nn.Module):
         return self.head(self.features(ids, offsets))
 
 
-def _shared_tensor(array: np.ndarray) -> torch.Tensor:
-    """`array` as a tensor sharing its memory. A read-only array (a memory map, np.frombuffer) is shared
-    too, without torch's warning: nothing here writes to inputs, every later step makes new tensors."""
+@contextlib.contextmanager
+def read_only_arrays_shared():
+    """Read-only numpy arrays (memory maps, np.frombuffer, Ray's object store) become tensors sharing
+    their memory without torch's not-writable warning: the code inside only reads them."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(array)
+        yield
 
 
 def encode_arrays(inputs, input_shape: tuple[int, ...]) -> EncodedArrays:
     """(N, *input_shape) numbers, checked, as a CPU tensor (floats as float32, NaN/inf refused)."""
     if isinstance(inputs, (str, bytes)) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
         raise TypeError(f"this model reads arrays of shape (N, {', '.join(map(str, input_shape))}), not texts")
-    x = inputs if isinstance(inputs, torch.Tensor) else _shared_tensor(np.asarray(inputs))
+    x = inputs
+    if not isinstance(x, torch.Tensor):
+        with read_only_arrays_shared():  # inputs are only read: every later step makes new tensors
+            x = torch.as_tensor(np.asarray(x))
     if tuple(x.shape[1:]) != input_shape:
         if x.ndim == 1 and tuple(x.shape) == input_shape:
             raise ValueError(f"pass a batch: shape (N, {', '.join(map(str, input_shape))}), got one example {tuple(x.shape)}")

@@ -35,7 +35,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RayConfig, RunConfig
 from .data import Dataset
-from .models import load_checkpoint
+from .models import load_checkpoint, read_only_arrays_shared
 from .rundir import RunDir, read_json
 from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, finished_specialist, model_from_arrays,
                          model_to_arrays, read_groups, save_specialist, specialist_dir, specialists_summary,
@@ -244,8 +243,7 @@ def train_specialist_task(shared: dict, data: SpecialistData, cfg: RunConfig, th
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError(f"specialist {m}: Ray assigned GPU(s) {ray.get_gpu_ids()} but torch sees no CUDA device")
     generalist = model_from_arrays(shared["generalist"]["spec"], shared["generalist"]["state"])
-    with warnings.catch_warnings():  # the store's arrays are read-only; the specialist only reads them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    with read_only_arrays_shared():  # the object store's arrays: the specialist only reads them
         result = train_specialist(generalist, data, shared["val"], cfg,
                                   device=torch.device("cuda" if use_gpu else "cpu"), desc=f"specialist {m}")
     spec, state = model_to_arrays(result.model)

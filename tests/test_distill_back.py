@@ -233,7 +233,7 @@ def test_cluster_target_term_is_the_tempered_cross_entropy_inside_the_cluster():
 
 def test_mnist_job_refuses_to_resume_under_another_schedule(tmp_path):
     """Its steps are kept by name: resuming OUT with other epochs would mix two schedules in one table."""
-    from jobs.mnist_paper import SCHEDULES, record_schedule
+    from jobs.mnist_paper import SCHEDULES, main, record_schedule
 
     full = {**SCHEDULES["full"], "seed": 0}
     record_schedule(tmp_path, full)
@@ -242,3 +242,7 @@ def test_mnist_job_refuses_to_resume_under_another_schedule(tmp_path):
     with pytest.raises(SystemExit, match=r"schedule\.json: teacher_epochs: 100 -> 60"):
         record_schedule(tmp_path, {**full, "teacher_epochs": 60})
     assert json.loads((tmp_path / "schedule.json").read_text()) == full  # the record is kept
+    for bad in (["--teacher-epochs", "0"], ["--patience", "-1"], ["--student-epochs", "x"]):
+        with pytest.raises(SystemExit):  # argparse names the option; nothing is recorded or trained
+            main(["--full", "--out", str(tmp_path / "bad"), *bad])
+        assert not (tmp_path / "bad").exists()
