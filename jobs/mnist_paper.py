@@ -65,16 +65,16 @@ PAPER = {
 
 SCHEDULES = {  # max_train 0: all 60,000 training images; lr_schedule: train.schedule of every model
     "quick": {"max_train": 6_000, "teacher_epochs": 50, "student_epochs": 40, "patience": 0, "batch_size": 128,
-              "lr_schedule": "constant"},
+              "lr_schedule": "constant", "teacher_lr": 0.001, "max_norm": 0.0},
     "full": {"max_train": 0, "teacher_epochs": 100, "student_epochs": 30, "patience": 0, "batch_size": 128,
-             "lr_schedule": "linear"},
+             "lr_schedule": "linear", "teacher_lr": 0.001, "max_norm": 0.0},
 }
 
 SMALL = "student.model={name: mlp, hidden: [800, 800], dropout: 0.0, input_dropout: 0.0, jitter: 0}"
 
 
-def _schedule(prefix: str, epochs: int, s: dict) -> list[str]:
-    return [f"{prefix}.epochs={epochs}", f"{prefix}.batch_size={s['batch_size']}", f"{prefix}.lr=0.001",
+def _schedule(prefix: str, epochs: int, s: dict, lr: float = 0.001) -> list[str]:
+    return [f"{prefix}.epochs={epochs}", f"{prefix}.batch_size={s['batch_size']}", f"{prefix}.lr={lr}",
             f"{prefix}.patience={s['patience']}", f"{prefix}.schedule={s['lr_schedule']}"]
 
 
@@ -116,7 +116,7 @@ def run(s: dict, out: Path, data: Path, device: str, threads: int, seed: int, lo
     big_cfg = load_config(None, [
         *common, "data.kind=mnist", f"data.path={data}", f"data.max_train={s['max_train']}",
         "model.name=mlp", "model.hidden=[1200, 1200]", "model.dropout=0.5", "model.input_dropout=0.2",
-        "model.jitter=2", *_schedule("train", s["teacher_epochs"], s),
+        "model.jitter=2", *_schedule("train", s["teacher_epochs"], s, s["teacher_lr"]), f"train.max_norm={s['max_norm']}",
         "cluster.enabled=false", "specialists.enabled=false",
     ])
     started = time.perf_counter()
@@ -215,15 +215,15 @@ def record_schedule(out: Path, settings: dict) -> None:
         write_json(path, settings)
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= low, refused before anything is written to OUT."""
-    def parse(text: str) -> int:
+def _at_least(low: float, kind=int, strict: bool = False):
+    """An argparse type: a number of `kind` >= low (> low when strict), refused before anything is written to OUT."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value < low or (strict and value == low) or value != value:
+            raise argparse.ArgumentTypeError(f"{value} must be {'above' if strict else 'at least'} {low}")
         return value
     return parse
 
@@ -245,11 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     over.add_argument("--student-epochs", type=_at_least(1))
     over.add_argument("--patience", type=_at_least(0), help="epochs without validation gain before stopping (0: never)")
     over.add_argument("--lr-schedule", choices=["constant", "linear"])
+    over.add_argument("--teacher-lr", type=_at_least(0.0, float, strict=True), help="the big net's (Adam) learning rate")
+    over.add_argument("--max-norm", type=_at_least(0.0, float), help="the big net's max-norm constraint on each unit's incoming "
+                      "weights (train.max_norm; 0: off)")
     args = parser.parse_args(argv)
     schedule = "quick" if args.quick else "full"
     settings = {**SCHEDULES[schedule], **{key: value for key, value in (
         ("teacher_epochs", args.teacher_epochs), ("student_epochs", args.student_epochs),
-        ("patience", args.patience), ("lr_schedule", args.lr_schedule)) if value is not None}}
+        ("patience", args.patience), ("lr_schedule", args.lr_schedule), ("teacher_lr", args.teacher_lr),
+        ("max_norm", args.max_norm)) if value is not None}}
     out = args.out or Path("runs") / f"mnist-paper-{schedule}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     record_schedule(out, {**settings, "seed": args.seed})
     started = time.perf_counter()

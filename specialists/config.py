@@ -200,6 +200,9 @@ class TrainConfig:
     patience: int = 4  # epochs without validation improvement before stopping; 0 = never stop early
     eval_batch_size: int = 1024
     schedule: str = "constant"  # learning rate: constant | linear (to 0 over the epochs, or a budget's examples)
+    # the dropout nets' max-norm constraint (Srivastava et al. 2014): after every step each unit's incoming
+    # weights (a row of an nn.Linear) are scaled back to this L2 norm if longer; 0 = off
+    max_norm: float = 0.0
 
     def validate(self, prefix: str = "train") -> None:
         require(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "must be >= 1")
@@ -211,6 +214,7 @@ class TrainConfig:
         require(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
         require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, "must be >= 1")
         require(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule, f"must be one of {SCHEDULES}")
+        require(self.max_norm >= 0, f"{prefix}.max_norm", self.max_norm, "must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)

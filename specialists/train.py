@@ -117,6 +117,15 @@ class _Optimizers:
                 group["lr"] = lr
 
 
+@torch.no_grad()
+def constrain_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Scale each row of every nn.Linear weight (one unit's incoming weights) back to L2 norm
+    `max_norm` where it is longer; shorter rows are left as they are."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            torch.renorm(module.weight, 2, 0, max_norm, out=module.weight)
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizers:
     if cfg.optimizer == "sgd":  # SGD takes sparse gradients as they are
         return _Optimizers(torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -196,6 +205,8 @@ def train_model(
             optimizer.zero_grad()
             parts["loss"].backward()
             optimizer.step()
+            if cfg.max_norm:
+                constrain_max_norm(model, cfg.max_norm)
             for name, value in values.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value * len(index)
         seen += len(order)

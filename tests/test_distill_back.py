@@ -242,7 +242,8 @@ def test_mnist_job_refuses_to_resume_under_another_schedule(tmp_path):
     with pytest.raises(SystemExit, match=r"schedule\.json: teacher_epochs: 100 -> 60"):
         record_schedule(tmp_path, {**full, "teacher_epochs": 60})
     assert json.loads((tmp_path / "schedule.json").read_text()) == full  # the record is kept
-    for bad in (["--teacher-epochs", "0"], ["--patience", "-1"], ["--student-epochs", "x"]):
+    for bad in (["--teacher-epochs", "0"], ["--patience", "-1"], ["--student-epochs", "x"], ["--teacher-lr", "0"],
+                ["--max-norm", "-1"], ["--max-norm", "nan"]):
         with pytest.raises(SystemExit):  # argparse names the option; nothing is recorded or trained
             main(["--full", "--out", str(tmp_path / "bad"), *bad])
         assert not (tmp_path / "bad").exists()
