@@ -26,8 +26,8 @@ training images, the big net for 100 epochs and the small ones for 30, each
 with a learning rate decaying linearly to 0 and its best validation epoch
 kept (chosen on validation over the 60 constant-rate epochs with early
 stopping it had before; the README gives both). `--teacher-epochs`,
-`--student-epochs`, `--patience` and `--lr-schedule` override a schedule to
-compare others. Prints the table and writes OUT/results.json, with the
+`--student-epochs`, `--patience`, `--lr-schedule`, and the big net's
+`--teacher-lr` and `--max-norm` override a schedule to compare others. Prints the table and writes OUT/results.json, with the
 validation accuracies that schedules are chosen on.
 
 Each model is one step (big net; small net + distilled net; jittered-transfer
