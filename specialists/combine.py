@@ -163,32 +163,55 @@ def solve_rows(
     return _solve_arithmetic(problem, tol, max_iter)
 
 
-def objective(q: Tensor, *inputs, mean: str = "arithmetic", **named_inputs) -> Tensor:
-    """J(q) per example, (N,) float64; q: (N, C); inputs: `solve`'s, by position or name.
+def objective(
+    q: Tensor,
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    active: Tensor,
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+    *,
+    mean: str = "arithmetic",
+) -> Tensor:
+    """J(q) per example, (N,) float64; q: (N, C); the other inputs as `solve` takes them.
 
     mean="arithmetic": J = sum_g w_g KL(p_g || q) + sum_{m active} w_m KL(p_m || A_m q),
     with 0 log 0 = 0 and q clamped at 1e-300 inside log q. mean="geometric":
     the same with every KL reversed, KL(q || p) (inf where q puts mass on a
     class that a model gives probability 0).
     """
-    problem = _dense_problem(mean, inputs, named_inputs)
+    problem = _dense_problem(mean, general_probs, specialist_probs, specialist_classes, active,
+                             general_weights, specialist_weights)
     shape = (problem.n_examples, problem.n_classes)
     if tuple(q.shape) != shape:
         raise ValueError(f"q has shape {tuple(q.shape)}, expected (N, C) = {shape}")
     return _objective(q, problem, mean)
 
 
-def solve_reference(*inputs, mean: str = "arithmetic", steps: int = 200, lr: float = 0.3, polish_steps: int = 1000,
-                    **named_inputs) -> Tensor:
+def solve_reference(
+    general_probs: Tensor,
+    specialist_probs: Sequence[Tensor],
+    specialist_classes: Sequence[Tensor],
+    active: Tensor,
+    general_weights: Tensor | None = None,
+    specialist_weights: Tensor | None = None,
+    *,
+    mean: str = "arithmetic",
+    steps: int = 200,
+    lr: float = 0.3,
+    polish_steps: int = 1000,
+) -> Tensor:
     """Minimise J by gradient descent on the logits of q, as the paper does; (N, C).
 
-    inputs: `solve`'s, by position or name. Float64, from uniform q: `steps` Adam steps on all examples at once (cosine
+    The inputs as `solve` takes them. Float64, from uniform q: `steps` Adam steps on all examples at once (cosine
     learning rate from `lr` to 0), then up to `polish_steps` L-BFGS iterations
     on each example alone (one L-BFGS over the whole batch shares its step
     sizes and curvature pairs across examples and stalls). Slow: for tests and
     benchmarks of the exact solvers.
     """
-    problem = _dense_problem(mean, inputs, named_inputs)
+    problem = _dense_problem(mean, general_probs, specialist_probs, specialist_classes, active,
+                             general_weights, specialist_weights)
     shape = (problem.n_examples, problem.n_classes)
     logits = torch.zeros(shape, dtype=torch.float64, device=problem.device, requires_grad=True)
     adam = torch.optim.Adam([logits], lr=lr)
@@ -237,10 +260,10 @@ def _check_mean(mean: str) -> None:
         raise ValueError(f"mean={mean!r} must be one of {ENSEMBLE_MEANS}")
 
 
-def _dense_problem(mean: str, inputs: tuple, named_inputs: dict) -> _Problem:
-    """The validated problem of `solve`'s inputs, given by position (inputs) or name (named_inputs)."""
+def _dense_problem(mean: str, *inputs) -> _Problem:
+    """The validated problem of `solve`'s inputs (active rows as a dense (N, M) mask)."""
     _check_mean(mean)
-    return _Problem.build_dense(*inputs, **named_inputs)
+    return _Problem.build_dense(*inputs)
 
 
 def _as_general(general_probs: Tensor) -> Tensor:
