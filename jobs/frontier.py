@@ -62,6 +62,7 @@ VARIANTS = {
     "soft0.5": ["specialists.soft_weight=0.5"],
     "linear": ["specialists.schedule=linear", "specialists.lr=0.02"],
     "widen2": ["specialists.widen=2"],  # specialists that differ more from the generalist: twice its hidden units
+    "scratch": ["specialists.init=scratch"],  # independent of the generalist: its network, fresh weights
 }
 TOP_N = (1, 2, 3)
 SPECIALIST_WEIGHTS = (1.0, 2.0, 4.0, 8.0)

@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "linear")  # train.train_model: the learning rate, cons
 NORMALIZATIONS = ("covariance", "correlation", "l2")  # cluster.ConfusionClusterer(normalize=...)
 ENSEMBLE_MEANS = ("arithmetic", "geometric")  # distill.ensemble_probs and combine.solve (mean=...)
 DUSTBIN_CORRECTIONS = ("prior", "paper", "none")  # how a specialist trains and stores b (dustbin.py)
+SPECIALIST_INITS = ("generalist", "scratch")  # a specialist's starting weights (specialist.py)
 DUSTBIN_MODES = ("active", "natural", "none")  # which stored correction a combiner applies (ensemble.py)
 # what a teacher run gives a distilled student (distill_run.py): generalist + specialists, the generalist alone,
 # the peer ensemble (generalist + peers/<k>/, section 4), or the hybrid (all full models + specialists)

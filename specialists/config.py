@@ -31,6 +31,7 @@ from .choices import (  # the one list of each choice; choices.py imports nothin
     NORMALIZATIONS,
     OPTIMIZERS,
     SCHEDULES,
+    SPECIALIST_INITS,
     USER_MODELS,
 )
 
@@ -298,6 +299,10 @@ class SpecialistsConfig:
     lr: float = 0.01  # 0: train.lr
     patience: int = 8  # -1: train.patience; 0: never stop early
     widen: float = 1.0  # hidden widths x this; the extra units start with zero outgoing weights
+    # generalist: its weights (the paper). scratch: the same network with fresh weights drawn from the specialist's
+    # seed (only the input encoding, e.g. feature standardisation, is the generalist's): independent of it, like
+    # a peer member, for data where ensembles gain from independent errors
+    init: str = "generalist"
     # Extra training compute of all specialists together, as a fraction of the generalist's examples_seen
     # (forward + backward passes), shared in proportion to their epoch sizes; early stopping still applies.
     # 0: no budget (specialists.epochs and early stopping decide). 0.5: chosen on Banking77 validation errors
@@ -317,6 +322,7 @@ class SpecialistsConfig:
         require(self.lr >= 0, f"{prefix}.lr", self.lr, "must be >= 0 (0 = train.lr)")
         require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
         require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
+        require(self.init in SPECIALIST_INITS, f"{prefix}.init", self.init, f"must be one of {SPECIALIST_INITS}")
         require(self.schedule in ("", *SCHEDULES), f"{prefix}.schedule", self.schedule,
                  f"must be one of {SCHEDULES}, or empty for train.schedule")
         require(self.budget >= 0, f"{prefix}.budget", self.budget,
@@ -418,6 +424,9 @@ class RunConfig:
         require(self.specialists.widen == 1 or self.model.name not in USER_MODELS, "specialists.widen",
                  self.specialists.widen, f"must be 1 with model.name={self.model.name}: a model you bring keeps its "
                  "architecture")
+        require(self.specialists.init == "generalist" or self.model.name not in USER_MODELS, "specialists.init",
+                 self.specialists.init, f"must be generalist with model.name={self.model.name}: a model you bring is "
+                 "initialised by its own weights")
         require(self.combine.generalists == 1 or self.peer.enabled, "combine.generalists", self.combine.generalists,
                  "needs peer.enabled=true: full models beyond the generalist are peer members (without the peer "
                  "stage there is 1 full model)")

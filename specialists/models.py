@@ -409,6 +409,16 @@ def _skeleton(name: str, kwargs: dict) -> nn.Module:
         return create_model(name, **kwargs)
 
 
+def model_to_load(name: str, kwargs: dict, skeleton: nn.Module | None = None) -> nn.Module:
+    """Model `name`, for load_state_dict to fill: a model built here is allocated but not initialised (all
+    its tensors are in its state dict, and drawing millions of random weights only to overwrite them
+    costs a third of a second per model); a model you bring is built by its factory, whose modules may
+    hold tensors outside their state dict. skeleton: `_skeleton(name, kwargs)`, if already built."""
+    if name in USER_MODELS:
+        return create_model(name, **kwargs)
+    return (skeleton if skeleton is not None else _skeleton(name, kwargs)).to_empty(device="cpu")
+
+
 def _sized(name: str, kwargs: dict) -> dict:
     """`kwargs`, once the model they build is known to hold at most MAX_PARAMETERS weights (counted on
     the meta device, which allocates nothing)."""
@@ -501,7 +511,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
         raise CheckpointError(f"{weights_path} does not match the model in {spec_path.name}: tensor {key[0]!r} "
                               f"is {stored.get(key[0])} in the weights, {expected.get(key[0])} in the model")
     try:
-        model = create_model(spec["name"], **kwargs)
+        model = model_to_load(spec["name"], kwargs, skeleton)
         model.load_state_dict(load_file(str(weights_path)), strict=True)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
@@ -512,6 +522,19 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
 
 # ---------------------------------------------------------------------------
 # specialists: the generalist's network with a head over some classes plus a dustbin
+
+
+def with_fresh_weights(model: nn.Module) -> nn.Module:
+    """The same network with the parameters its constructor draws (from torch's current seed).
+
+    Buffers, which hold the input encoding (a feature standardisation fitted
+    on the training data), are kept: only what training learns starts anew.
+    """
+    fresh = create_model(model.spec["name"], **model.spec["kwargs"])
+    params = {name for name, _ in fresh.named_parameters()}
+    fresh.load_state_dict({name: value if name in params else model.state_dict()[name]
+                           for name, value in fresh.state_dict().items()})
+    return fresh
 
 
 def with_dustbin_head(generalist: nn.Module, classes, widen: float = 1.0) -> nn.Module:
@@ -546,7 +569,8 @@ def with_dustbin_head(generalist: nn.Module, classes, widen: float = 1.0) -> nn.
                          "built here do); use widen=1")
     if "hidden" in kwargs:
         kwargs["hidden"] = [max(1, int(round(h * widen))) for h in kwargs["hidden"]]
-    model = create_model(spec["name"], **kwargs)
+    # every weight is copied below, but for the widened units' fresh ones
+    model = create_model(spec["name"], **kwargs) if widen != 1 else model_to_load(spec["name"], kwargs)
 
     old = generalist.state_dict()
     index = torch.tensor(cls)

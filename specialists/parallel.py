@@ -33,7 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,18 +189,8 @@ def preflight(cfg: RayConfig, log: Log = print) -> dict:
                         "the local Ray instance")
 
 
-@contextmanager
-def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
-    """Connect Ray for the block; yields the cluster's resources (nodes, cpus, gpus).
-
-    An instance this process already started (e.g. by a test) is used as is
-    and left running. Otherwise `ray.address` (or $RAY_ADDRESS, which Ray jobs
-    set) joins that cluster and disconnects after; with neither, a local
-    instance with `ray.num_cpus` CPUs is started and shut down after.
-    """
-    if ray.is_initialized():
-        yield check_resources(cfg, "the running Ray instance")
-        return
+def _connect(cfg: RayConfig) -> str:
+    """ray.init as configured: join ray.address (or $RAY_ADDRESS), else start a local instance; returns where."""
     address, key = _address(cfg)
     if address:
         _check_reachable(address, key, cfg.connect_timeout_s)
@@ -205,19 +198,133 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as err:
             raise ConfigError(f"{key}={address!r}: {err}") from None
-        where = f"the Ray cluster at {address}"
+        return f"the Ray cluster at {address}"
+    _check_local_gpus(cfg)
+    # "local": a new instance even when `ray start` left one running here (ray.init() would join that)
+    ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level=logging.WARNING)
+    return "the local Ray instance"
+
+
+def _warm_workers(cfg: RayConfig, resources: dict, most: int) -> list:
+    """Start up to `most` workers, one per slot, importing torch; the refs (never waited on) keep them queued."""
+    slots = int(resources["cpus"] // cfg.cpus_per_task) if cfg.cpus_per_task else most
+    return [warm_worker.options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task,
+                                scheduling_strategy="SPREAD").remote() for _ in range(max(1, min(most, slots)))]
+
+
+class _EarlyStart:
+    """Ray connected and its workers warmed in a background thread, while the driver trains the generalist.
+
+    Starting a local instance takes seconds, and each new worker seconds more
+    to import torch; begun with the run, that is done before the specialists
+    stage needs them instead of at its start. The thread lives until Ray is
+    shut down: the processes a local instance starts are killed when the
+    thread that started them ends (Ray sets PR_SET_PDEATHSIG, which is per
+    thread).
+    """
+
+    def __init__(self, cfg: RayConfig, workers: int):
+        self.cfg, self.workers = cfg, workers
+        self.where, self.error, self.warming = "", None, []
+        self.started, self.stopped = threading.Event(), threading.Event()
+        if threading.current_thread() is threading.main_thread():  # what ray.init sets only there
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        self.thread = threading.Thread(target=self._run, name="ray-start", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with _quiet_sigterm_warning():
+                self.where = _connect(self.cfg)
+            self.warming = _warm_workers(self.cfg, check_resources(self.cfg, self.where), self.workers)
+        except BaseException as err:  # noqa: BLE001 - raised again in the driver's thread by join
+            self.error = err
+        self.started.set()
+        self.stopped.wait()
+
+    def join(self) -> str:
+        """Where Ray runs, once started; the start's error, raised here (Ray shut down) if it failed."""
+        self.started.wait()
+        self.warming = []
+        if self.error is not None:
+            self.stop()
+            raise self.error
+        return self.where
+
+    def stop(self) -> None:
+        """Shut Ray down (if it started) and let the thread end."""
+        self.started.wait()
+        if ray.is_initialized():
+            ray.shutdown()
+        self.stopped.set()
+        self.thread.join()
+
+
+@contextmanager
+def _quiet_sigterm_warning() -> Iterator[None]:
+    """ray.init outside the main thread warns that it set no SIGTERM handler; _EarlyStart sets one."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "SIGTERM handler is not set" not in record.getMessage()
+    logger = logging.getLogger("ray._private.worker")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+_early: _EarlyStart | None = None  # begun by start_early, taken over by the next ray_session
+
+
+def start_early(cfg: RayConfig, workers: int) -> None:
+    """Begin connecting Ray (and warming up to `workers` workers) now, in the background.
+
+    The next `ray_session` takes this session over, waiting for it if need
+    be, and shuts it down after; `stop_early` shuts it down if no stage
+    took it (the run ended, or failed, before its specialists). Nothing is
+    begun if Ray is already connected in this process.
+    """
+    global _early
+    if _early is None and not ray.is_initialized():
+        _early = _EarlyStart(cfg, workers)
+
+
+def stop_early() -> None:
+    """Shut down a session `start_early` began that no `ray_session` took over; errors in it are dropped."""
+    global _early
+    early, _early = _early, None
+    if early is not None:
+        early.stop()
+
+
+@contextmanager
+def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
+    """Connect Ray for the block; yields the cluster's resources (nodes, cpus, gpus).
+
+    A session `start_early` began is taken over (and shut down after). An
+    instance this process otherwise already started (e.g. by a test) is used
+    as is and left running. Otherwise `ray.address` (or $RAY_ADDRESS, which
+    Ray jobs set) joins that cluster and disconnects after; with neither, a
+    local instance with `ray.num_cpus` CPUs is started and shut down after.
+    """
+    global _early
+    early, _early = _early, None
+    if early is not None:
+        where = early.join()
+    elif ray.is_initialized():
+        yield check_resources(cfg, "the running Ray instance")
+        return
     else:
-        _check_local_gpus(cfg)
-        # "local": a new instance even when `ray start` left one running here (ray.init() would join that)
-        ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False,
-                 logging_level=logging.WARNING)
-        where = "the local Ray instance"
+        where = _connect(cfg)
     try:
         resources = check_resources(cfg, where)
         log(f"ray: {where}, {resources['nodes']} node(s), {resources['cpus']:g} CPUs, {resources['gpus']:g} GPUs")
         yield resources
     finally:
-        ray.shutdown()
+        if early is not None:
+            early.stop()
+        else:
+            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -275,6 +382,7 @@ def _specialist_info(cfg: RunConfig, dataset: Dataset, m: int, classes: list[int
         "soft_weight": s.soft_weight,
         "temperature": s.temperature,
         "widen": s.widen,
+        "init": s.init,
         "seed": cfg.seed + m,
         "generalist_sha256": sha,
         "worker": result["worker"],
@@ -322,11 +430,9 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
     with ray_session(cfg.ray, log) as resources:  # first: a bad address or resource request fails before any work
         profile["ray_start_seconds"] = round(time.perf_counter() - clock, 3)
         bar = tqdm(total=len(todo), desc="specialists", unit="specialist", disable=not progress)
-        # workers import torch (about a second each) while this process cuts the data, not after
+        # workers import torch (seconds each) while this process cuts the data, not after (warm ones: at once)
         slots = int(resources["cpus"] // cfg.ray.cpus_per_task) if cfg.ray.cpus_per_task else len(todo)
-        warming = [warm_worker.options(num_cpus=cfg.ray.cpus_per_task, num_gpus=cfg.ray.gpus_per_task,
-                                       scheduling_strategy="SPREAD").remote()
-                   for _ in range(max(1, min(len(todo), slots)))]
+        warming = _warm_workers(cfg.ray, resources, len(todo))
         plans = {}
         for m in todo:
             try:

@@ -5,7 +5,8 @@ one dustbin class standing for the C - k others:
 
 * it starts as the generalist: same network (optionally widened), a head whose
   k rows are the generalist's rows for its classes and whose dustbin row is
-  built from the other rows (`models.with_dustbin_head`);
+  built from the other rows (`models.with_dustbin_head`); or, with
+  `specialists.init=scratch`, as the same network with fresh weights;
 * each epoch visits every training example of its classes and a fresh draw
   from the others, so that a share `special_fraction` (default 1/2) of the
   epoch is special (`dustbin.EnrichedSampler`, planned by `specialist_data.py`);
@@ -34,7 +35,8 @@ from .config import RunConfig
 from .data import Split
 from .distill import collapse_labels, distillation_loss
 from .dustbin import dustbin_correction, dustbin_corrected, soften_collapsed
-from .models import CheckpointError, create_model, load_checkpoint, save_checkpoint, with_dustbin_head
+from .models import (CheckpointError, load_checkpoint, model_to_load, save_checkpoint, with_dustbin_head,
+                     with_fresh_weights)
 from .rundir import RunDir, RunDirError, read_json, write_json
 from .specialist_data import SpecialistData, logits_by_batch, specialist_train_config
 from .train import TrainResult, predict_logits, seed_everything, train_model
@@ -90,8 +92,10 @@ def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cf
     cls = torch.tensor(classes, dtype=torch.long)
     k = len(classes)
 
-    seed_everything(plan.seed)  # the widened units' fresh weights
+    seed_everything(plan.seed)  # the widened units' fresh weights, or all of them
     model = with_dustbin_head(generalist, classes, widen=s.widen)
+    if s.init == "scratch":
+        model = with_fresh_weights(model)
     correction = dustbin_correction(plan.fraction, plan.natural_fraction)
     prior_shift = correction if s.dustbin_correction == "prior" else 0.0
     stored_correction = 0.0 if s.dustbin_correction == "none" else correction
@@ -335,7 +339,7 @@ def specialists_done(run: RunDir) -> bool:
 
 def model_from_arrays(spec: dict, state: dict[str, np.ndarray]) -> nn.Module:
     """Rebuild a model shipped as its spec and numpy weights (e.g. through Ray's object store)."""
-    model = create_model(spec["name"], **spec["kwargs"])
+    model = model_to_load(spec["name"], spec["kwargs"])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model
 

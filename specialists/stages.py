@@ -12,6 +12,7 @@ Also the handlers of `specialists cluster/evaluate/report`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -388,14 +389,25 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
     dataset = load_dataset(cfg.data, cfg.seed)  # validate data and model before anything is written
     check_run_fits_data(cfg, dataset)
     model_kwargs(cfg.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
-    if _needs_ray(cfg, run, resume):
+    needs_ray = _needs_ray(cfg, run, resume)
+    if needs_ray:
         from .parallel import preflight  # ray: imported only by runs that train specialists
 
         preflight(cfg.ray, log)
     run.create(resume=resume)
     with run.lock(log), _resume_hint(run):
         write_text(run.config, dump_config(saved))
-        return _run_stages(cfg, dataset, run, device, resume, log, progress, started)
+        if not needs_ray:
+            return _run_stages(cfg, dataset, run, device, resume, log, progress, started)
+        from .parallel import start_early, stop_early
+
+        # Ray starts, and its workers import torch, while the generalist trains: off the specialists' path
+        start_early(cfg.ray, workers=cfg.cluster.n_clusters or math.ceil(dataset.n_classes /
+                                                                         cfg.cluster.classes_per_cluster))
+        try:
+            return _run_stages(cfg, dataset, run, device, resume, log, progress, started)
+        finally:
+            stop_early()  # a run that ended before its specialists stage took the session over
 
 
 def _train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,

@@ -126,6 +126,12 @@ def test_a_factory_that_cannot_give_a_head_is_refused(factory, message):
         kwargs_of(torch_config(factory))
 
 
+@pytest.mark.parametrize("override", ["specialists.widen=2", "specialists.init=scratch"])
+def test_a_model_you_bring_keeps_its_architecture_and_weights(override):
+    with pytest.raises(ConfigError, match=f"{override.replace('=', '=.*')}.*model.name=torch"):
+        torch_config("user_models:build", "", override)
+
+
 def test_a_model_that_fails_on_the_datas_shape_is_refused():
     with pytest.raises(ConfigError, match=r"inputs of shape \(N, 9\): the model fails on a batch"):
         kwargs_of(torch_config(), n_features=9)

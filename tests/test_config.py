@@ -48,6 +48,7 @@ def test_dumped_config_round_trips(tmp_path):
     ("combine.specialist_weight=0", "combine.specialist_weight=0.0"),
     ("peer.max_members=1", "peer.max_members=1"),
     ("train.max_norm=-1", "train.max_norm=-1"),
+    ("specialists.init=random", "specialists.init='random'"),
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:

@@ -295,6 +295,41 @@ def test_bad_ray_address_at_resume_follows_override_then_environment_then_saved(
     assert not ray.is_initialized()
 
 
+def test_ray_started_early_is_taken_over_by_the_stage_and_shut_down_after(no_ray):
+    from specialists.config import RayConfig
+    from specialists.parallel import ray_session, start_early
+
+    start_early(RayConfig(num_cpus=1), workers=1)
+    lines = []
+    with ray_session(RayConfig(num_cpus=1), log=lines.append) as resources:
+        assert ray.is_initialized() and resources["cpus"] == 1
+    assert lines == ["ray: the local Ray instance, 1 node(s), 1 CPUs, 0 GPUs"]
+    assert not ray.is_initialized()
+
+
+def test_an_early_start_that_failed_fails_the_stage_with_its_error(no_ray):
+    from specialists.config import RayConfig
+    from specialists.parallel import ray_session, start_early
+
+    closed = closed_port()
+    cfg = RayConfig(address=f"127.0.0.1:{closed}", connect_timeout_s=1.0)
+    start_early(cfg, workers=1)
+    with pytest.raises(ConfigError, match=rf"^ray.address='127.0.0.1:{closed}': no Ray cluster answers"):
+        with ray_session(cfg, log=lambda s: None):
+            pass
+    assert not ray.is_initialized()
+
+
+def test_a_run_that_fails_before_its_specialists_leaves_no_ray_running(no_ray, tmp_path):
+    """Ray starts with the run (parallel.start_early); a generalist that diverges ends the run, and Ray too."""
+    from specialists import parallel
+    from specialists.train import TrainingError
+
+    with pytest.raises(TrainingError, match="train.lr"):
+        run_pipeline(tiny_config(ON, "train.optimizer=sgd", "train.lr=1e30"), tmp_path / "run", **QUIET)
+    assert not ray.is_initialized() and parallel._early is None
+
+
 # ---------------------------------------------------------------------------
 # interrupted runs (slow: real Ray, real signals)
 

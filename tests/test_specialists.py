@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_config
 from jobs.procs import ray_processes_under
 from specialists.config import ConfigError, RayConfig
-from specialists.models import create_model, load_checkpoint, with_dustbin_head
+from specialists.models import create_model, load_checkpoint, with_dustbin_head, with_fresh_weights
 from specialists.parallel import ray_session, train_specialists
 from specialists.rundir import RunDir, RunDirError
 from specialists.runtime import dataset_for_run
@@ -73,6 +73,24 @@ def test_dustbin_head_starts_from_the_generalist_rows():
         assert torch.allclose(s[:, 3], z[:, other].mean(1) + math.log(9), atol=1e-5)
     with pytest.raises(ValueError, match="dustbin needs"):
         with_dustbin_head(generalist, list(range(12)))
+
+
+def test_a_scratch_specialist_keeps_only_the_input_encoding():
+    torch.manual_seed(0)
+    generalist = create_model("mlp", n_classes=12, input_shape=[6], hidden=[10], dropout=0.0)
+    generalist.fit_normalizer(np.random.default_rng(0).normal(3.0, 2.0, (50, 6)).astype(np.float32))
+    started = with_dustbin_head(generalist, [9, 2, 5])
+    torch.manual_seed(7)
+    fresh = with_fresh_weights(started)
+    torch.manual_seed(7)
+    drawn = create_model("mlp", **started.spec["kwargs"])  # what the network's own initialisation gives
+    for name, value in fresh.state_dict().items():
+        if name in dict(fresh.named_parameters()):
+            assert torch.equal(value, drawn.state_dict()[name]), name  # the seed's weights...
+            assert not torch.equal(value, started.state_dict()[name]), name  # ...not the generalist's
+        else:
+            assert torch.equal(value, started.state_dict()[name]), name  # the generalist's standardisation
+    assert fresh.spec == started.spec
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.25, 0.8])
@@ -188,6 +206,29 @@ def test_the_correction_calibrates_a_confusable_dustbin(tiny_run, tmp_path):
     raw_error = abs(m["val_dustbin_prob_raw"] - m["val_dustbin_share"])
     corrected_error = abs(m["val_dustbin_prob_corrected"] - m["val_dustbin_share"])
     assert corrected_error < 0.05 and corrected_error < raw_error / 2
+
+
+@pytest.mark.parametrize("init", ["generalist", "scratch"])
+def test_a_specialist_starts_from_the_generalist_or_from_its_own_seed(tiny_run, tmp_path, init):
+    run = RunDir(tiny_run)
+    _, dataset = dataset_for_run(run)
+    generalist = load_checkpoint(run.generalist)
+    cfg = tiny_config(f"specialists.init={init}", "specialists.lr=1e-12", "specialists.epochs=1")  # barely moves
+    classes = [0, 3, 5, 8]
+    plan = plan_specialist(2, classes, dataset, cfg)
+    store = ShardStore(tmp_path)
+    val_top1 = cut_generalist_outputs(generalist, dataset, [plan], store, 256, "cpu")
+    trained = train_specialist(generalist, specialist_data(plan, dataset, store, val_top1), dataset.val,
+                               cfg).model.state_dict()
+    from_generalist = with_dustbin_head(generalist, classes).state_dict()
+    torch.manual_seed(plan.seed)  # what the network's own initialisation draws from the specialist's seed
+    drawn = create_model(generalist.spec["name"], **{**generalist.spec["kwargs"], "n_classes": 5}).state_dict()
+    for name, value in trained.items():
+        if name.startswith("input_"):  # the input standardisation is the generalist's either way
+            assert torch.equal(value, from_generalist[name])
+            continue
+        assert torch.allclose(value, (from_generalist if init == "generalist" else drawn)[name], atol=1e-6), name
+        assert not torch.allclose(value, (drawn if init == "generalist" else from_generalist)[name]), name
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds Ray's worker processes through /proc")
