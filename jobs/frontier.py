@@ -63,6 +63,7 @@ VARIANTS = {
     "linear": ["specialists.schedule=linear", "specialists.lr=0.02"],
     "widen2": ["specialists.widen=2"],  # specialists that differ more from the generalist: twice its hidden units
     "scratch": ["specialists.init=scratch"],  # independent of the generalist: its network, fresh weights
+    "scratch_soft0": ["specialists.init=scratch", "specialists.soft_weight=0"],  # nor pulled towards its outputs
 }
 TOP_N = (1, 2, 3)
 SPECIALIST_WEIGHTS = (1.0, 2.0, 4.0, 8.0)
