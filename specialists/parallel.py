@@ -243,12 +243,16 @@ class _EarlyStart:
         self.stopped.wait()
 
     def join(self) -> str:
-        """Where Ray runs, once started; the start's error, raised here (Ray shut down) if it failed."""
-        self.started.wait()
-        self.warming = []
-        if self.error is not None:
+        """Where Ray runs, once started; the start's error (or a Ctrl-C while waiting) is raised here, Ray
+        shut down."""
+        try:
+            self.started.wait()
+            if self.error is not None:
+                raise self.error
+        except BaseException:
             self.stop()
-            raise self.error
+            raise
+        self.warming = []
         return self.where
 
     def stop(self) -> None:
