@@ -227,6 +227,7 @@ class _EarlyStart:
         self.cfg, self.workers = cfg, workers
         self.where, self.error, self.warming = "", None, []
         self.started, self.stopped = threading.Event(), threading.Event()
+        self.shut_down_here = False  # stop(wait=False): the thread shuts Ray down, the driver goes on
         if threading.current_thread() is threading.main_thread():  # what ray.init sets only there
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
         self.thread = threading.Thread(target=self._run, name="ray-start", daemon=True)
@@ -241,6 +242,8 @@ class _EarlyStart:
             self.error = err
         self.started.set()
         self.stopped.wait()
+        if self.shut_down_here and ray.is_initialized():
+            ray.shutdown()
 
     def join(self) -> str:
         """Where Ray runs, once started; the start's error (or a Ctrl-C while waiting) is raised here, Ray
@@ -255,13 +258,20 @@ class _EarlyStart:
         self.warming = []
         return self.where
 
-    def stop(self) -> None:
-        """Shut Ray down (if it started) and let the thread end."""
+    def stop(self, wait: bool = True) -> None:
+        """Shut Ray down (if it started) and let the thread end. wait=False: the thread shuts it down while
+        the driver goes on (the next stages need no Ray, and shutting down takes over a second); `_settle`
+        waits for it before Ray is used again, and `stop_early` before the run returns."""
+        global _stopping
         self.started.wait()
-        if ray.is_initialized():
+        if not wait:
+            self.shut_down_here = True
+            _stopping = self
+        elif ray.is_initialized():
             ray.shutdown()
         self.stopped.set()
-        self.thread.join()
+        if wait:
+            self.thread.join()
 
 
 @contextmanager
@@ -278,6 +288,15 @@ def _quiet_sigterm_warning() -> Iterator[None]:
 
 
 _early: _EarlyStart | None = None  # begun by start_early, taken over by the next ray_session
+_stopping: _EarlyStart | None = None  # shutting Ray down in its thread (stop(wait=False))
+
+
+def _settle() -> None:
+    """Wait until a session shutting down in the background (stop(wait=False)) is down."""
+    global _stopping
+    stopping, _stopping = _stopping, None
+    if stopping is not None:
+        stopping.thread.join()
 
 
 def start_early(cfg: RayConfig, workers: int) -> None:
@@ -289,16 +308,19 @@ def start_early(cfg: RayConfig, workers: int) -> None:
     begun if Ray is already connected in this process.
     """
     global _early
+    _settle()
     if _early is None and not ray.is_initialized():
         _early = _EarlyStart(cfg, workers)
 
 
 def stop_early() -> None:
-    """Shut down a session `start_early` began that no `ray_session` took over; errors in it are dropped."""
+    """Shut down a session `start_early` began that no `ray_session` took over (errors in it are dropped), and
+    wait for one that a `ray_session` is shutting down in the background."""
     global _early
     early, _early = _early, None
     if early is not None:
         early.stop()
+    _settle()
 
 
 @contextmanager
@@ -312,6 +334,7 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
     local instance with `ray.num_cpus` CPUs is started and shut down after.
     """
     global _early
+    _settle()
     early, _early = _early, None
     if early is not None:
         where = early.join()
@@ -326,7 +349,7 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
         yield resources
     finally:
         if early is not None:
-            early.stop()
+            early.stop(wait=False)  # in its thread, while the run goes on; stop_early waits for it
         else:
             ray.shutdown()
 

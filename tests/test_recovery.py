@@ -297,13 +297,21 @@ def test_bad_ray_address_at_resume_follows_override_then_environment_then_saved(
 
 def test_ray_started_early_is_taken_over_by_the_stage_and_shut_down_after(no_ray):
     from specialists.config import RayConfig
-    from specialists.parallel import ray_session, start_early
+    from specialists.parallel import ray_session, start_early, stop_early
 
     start_early(RayConfig(num_cpus=1), workers=1)
     lines = []
     with ray_session(RayConfig(num_cpus=1), log=lines.append) as resources:
         assert ray.is_initialized() and resources["cpus"] == 1
     assert lines == ["ray: the local Ray instance, 1 node(s), 1 CPUs, 0 GPUs"]
+    # shutting down in the background since the block ended: a new session waits for it, then starts as usual
+    with ray_session(RayConfig(num_cpus=2), log=lambda s: None) as resources:
+        assert resources["cpus"] == 2
+    assert not ray.is_initialized()
+    start_early(RayConfig(num_cpus=1), workers=1)
+    with ray_session(RayConfig(num_cpus=1), log=lambda s: None):
+        pass
+    stop_early()  # as the run does at its end: then Ray is down
     assert not ray.is_initialized()
 
 
