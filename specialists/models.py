@@ -531,9 +531,8 @@ def with_fresh_weights(model: nn.Module) -> nn.Module:
     on the training data), are kept: only what training learns starts anew.
     """
     fresh = create_model(model.spec["name"], **model.spec["kwargs"])
-    params = {name for name, _ in fresh.named_parameters()}
-    fresh.load_state_dict({name: value if name in params else model.state_dict()[name]
-                           for name, value in fresh.state_dict().items()})
+    params, kept = {name for name, _ in fresh.named_parameters()}, model.state_dict()
+    fresh.load_state_dict({name: value if name in params else kept[name] for name, value in fresh.state_dict().items()})
     return fresh
 
 
