@@ -246,6 +246,10 @@ class ClusterConfig:
     temperature: float = 2.0  # T of softmax(z / T) for the tempered, train_tempered, out_of_fold and confusion signals
     folds: int = 5  # out_of_fold: generalists trained, each predicting the fold it did not see
 
+    def groups(self, n_classes: int) -> int:
+        """k for data of n_classes classes: n_clusters, else ceil(n_classes / classes_per_cluster)."""
+        return self.n_clusters or math.ceil(n_classes / self.classes_per_cluster)
+
     def validate(self, prefix: str = "cluster") -> None:
         require(self.n_clusters >= 0, f"{prefix}.n_clusters", self.n_clusters, "must be >= 0 (0 = from classes_per_cluster)")
         require(self.classes_per_cluster >= 1, f"{prefix}.classes_per_cluster", self.classes_per_cluster, "must be >= 1")

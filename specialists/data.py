@@ -501,7 +501,7 @@ def check_run_fits_data(cfg: RunConfig, dataset: Dataset) -> None:
                  f"the data have {n} classes; set cluster.n_clusters to at most {n} (0: from classes_per_cluster)")
     _require_fit(c.min_cluster_size <= n, "cluster.min_cluster_size", c.min_cluster_size,
                  f"the data have {n} classes, so no group could be kept")
-    k = c.n_clusters or math.ceil(n / c.classes_per_cluster)
+    k = c.groups(n)
     _require_fit(not c.max_cluster_size or k * c.max_cluster_size >= n, "cluster.max_cluster_size",
                  c.max_cluster_size, f"{k} groups of at most {c.max_cluster_size} cannot hold the data's {n} classes")
     if c.split not in ("val", "train", "test"):

@@ -12,7 +12,6 @@ Also the handlers of `specialists cluster/evaluate/report`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -402,8 +401,7 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
         from .parallel import start_early, stop_early
 
         # Ray starts, and its workers import torch, while the generalist trains: off the specialists' path
-        start_early(cfg.ray, workers=cfg.cluster.n_clusters or math.ceil(dataset.n_classes /
-                                                                         cfg.cluster.classes_per_cluster))
+        start_early(cfg.ray, workers=cfg.cluster.groups(dataset.n_classes))
         try:
             return _run_stages(cfg, dataset, run, device, resume, log, progress, started)
         finally:
