@@ -25,7 +25,8 @@ generalist and its clusters (`base/`), each peer member (`members/<k>-e<epochs>/
 reused by every budget that trains the same member), each specialists run
 (`spec-b<B>-<variant>/`, forked from base by `stages.fork_run`), with the
 models' validation and test probabilities stored beside them, so a rerun
-trains only what is missing. Printed and written to DIR: a Markdown table
+trains only what is missing; a seed whose DIR/seed<s>/frontier.json was scored with the same config,
+budgets and variants is not scored again (--rescore to score it again). Printed and written to DIR: a Markdown table
 (test errors per seed and their mean, examples processed, CPU-seconds of
 training) and a PNG of mean test errors against B.
 """
@@ -309,6 +310,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
                         help="specialists training variants to choose among on validation")
     parser.add_argument("--out", help="where the runs and results go (default runs/frontier-<config name>)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score every seed again, even one whose frontier.json matches this request")
     args = parser.parse_args()
     name = Path(args.config).stem if args.config else "banking77"
     out = Path(args.out or f"runs/frontier-{name}")
@@ -316,11 +319,18 @@ def main() -> None:
     budgets = sorted(args.budgets)
 
     results = {}
+    request = {"config": args.config, "budgets": budgets, "variants": sorted(args.variants)}
     for s in args.seeds:
+        scored = out / f"seed{s}" / "frontier.json"
+        if not args.rescore and scored.is_file() and read_json(scored).get("request") == request:
+            results[s] = read_json(scored)
+            print(f"seed {s}: scored before with the same request, reused ({scored})")
+            continue
         started = time.perf_counter()
         results[s] = frontier_seed(Seed(args.config, s, out / f"seed{s}"), budgets, args.variants)
         results[s]["seconds"] = round(time.perf_counter() - started, 1)
-        write_json(out / f"seed{s}" / "frontier.json", results[s])
+        results[s]["request"] = request
+        write_json(scored, results[s])
     doc, means = summarise(results, budgets, f"Accuracy-compute frontier: {name}")
     doc.add(Heading(2, "Plot"), Para("frontier.png: mean test errors against the extra budget B."))
     text = render_md(doc)
