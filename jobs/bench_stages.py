@@ -8,7 +8,7 @@ matching them, about as many). Printed per stage: training examples
 processed, the stage's wall seconds, the training's CPU-seconds (the
 generalist's and the peers' from the driver process, the specialists' summed
 over their Ray tasks) and the two rates: examples per wall second and
-examples per CPU-second (per core). Then the specialists stage's parts (Ray
+examples per CPU-second (per core); the whole run's wall time and each stage's. Then the specialists stage's parts (Ray
 start, cutting the generalist's outputs, training to the last specialist
 saved, Ray shut down) and issue 11's goal: the specialists stage takes no
 more wall time than the peer stage at an equal number of examples (compared
@@ -24,6 +24,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from specialists.config import load_config
@@ -45,7 +46,9 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_stages_")) / "run"
     load_before = os.getloadavg()[0]
+    started = time.perf_counter()
     run = run_pipeline(cfg, out, log=lambda s: None, progress=False)
+    whole = time.perf_counter() - started
     load_after = os.getloadavg()[0]
     m = run.read_metrics()
     timings, gen, spec, peer = m["timings"], m["generalist"], m.get("specialists", {}), m.get("peer_ensemble", {})
@@ -61,6 +64,8 @@ def main() -> None:
     doc = Doc(f"Stages of one run: {m['data']['name']}, seed {cfg.seed}")
     doc.add(Table(["training", "examples", "stage wall s", "training CPU-s", "examples / wall s",
                    "examples / CPU-s"], rows))
+    doc.add(Para(f"The whole run: {whole:.1f} s wall (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+                 + ")."))
     if spec.get("profile"):
         p = spec["profile"]
         doc.add(Para("Specialists stage: " + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f}s"
