@@ -21,12 +21,16 @@ class TeacherConfig:
     runs: list[str] = field(default_factory=list)  # run directories; empty: train a teacher here
     source: str = "combined"  # combined: specialists.load(run).predict_proba (generalist + specialists); generalist
     mean: str = "arithmetic"  # how several teachers combine: arithmetic | geometric (of their distributions at T)
+    # images: each teacher's distribution averaged over its input moved by up to this many pixels each way
+    # ((2s + 1)^2 translations, zero fill); 0: off
+    shift_pixels: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)  # the teacher trained here (no runs)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, prefix: str = "teacher") -> None:
         require(self.source in TEACHER_SOURCES, f"{prefix}.source", self.source, f"must be one of {TEACHER_SOURCES}")
         require(self.mean in ENSEMBLE_MEANS, f"{prefix}.mean", self.mean, f"must be one of {ENSEMBLE_MEANS}")
+        require(self.shift_pixels >= 0, f"{prefix}.shift_pixels", self.shift_pixels, "must be >= 0 (0: off)")
         require(all(str(r).strip() for r in self.runs), f"{prefix}.runs", self.runs, "run directories must not be empty")
         require(len(set(self.runs)) == len(self.runs), f"{prefix}.runs", self.runs, "lists a run twice")
         self.model.validate(f"{prefix}.model")

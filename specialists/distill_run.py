@@ -10,7 +10,8 @@ the one training loop.
   `generalist.fit_generalist`), or loaded from one or several run directories
   (`teacher.runs`), each giving its generalist or its combined
   generalist+specialists distribution (`specialists.load(run)`); several are
-  combined by an arithmetic or a geometric mean (`teacher.mean`);
+  combined by an arithmetic or a geometric mean (`teacher.mean`); on images,
+  each may be averaged over its input shifted by up to `teacher.shift_pixels`;
 * classes absent from the transfer set get one bias shift added to their logits,
   chosen on the validation split (section 3: "raise the bias of the 3");
 * the student defaults to the teacher's architecture (with `teacher.runs`: one
@@ -61,7 +62,7 @@ from .distill import DistillError, choose_bias_shift, ensemble_probs, gain_stand
 from .distill_config import DistillConfig, resolve_student
 from .distill_student import cluster_targets, train_student
 from .distill_teachers import (Teacher, check_same_classes, check_same_data, check_source, class_difference,
-                               module_teacher, run_teacher, teacher_scores)
+                               module_teacher, run_teacher, shift_averaged, teacher_scores)
 from .generalist import build_model, fit_generalist
 from .models import load_checkpoint, model_kwargs, save_checkpoint
 from .rundir import RunDir, write_json, write_text
@@ -171,6 +172,10 @@ def _prepare(cfg: DistillConfig) -> _Job:
         dataset = load_dataset(data_cfg, cfg.seed)
         model_kwargs(cfg.teacher.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
     model_kwargs(cfg.student.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
+    if cfg.teacher.shift_pixels and (dataset.input_kind != "image"
+                                     or cfg.teacher.shift_pixels >= min(dataset.input_shape[-2:])):
+        raise ConfigError(f"teacher.shift_pixels={cfg.teacher.shift_pixels} moves image inputs, and must be smaller "
+                          f"than their side; these data are {dataset.input_kind} of shape {dataset.input_shape}")
     if cfg.transfer.folds and len(runs) != 1:
         raise ConfigError(f"transfer.folds={cfg.transfer.folds} retrains one teacher run without each fold; "
                           f"teacher.runs lists {len(runs)}")
@@ -217,11 +222,14 @@ def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[l
             f"{result.seconds:.1f}s")
         metrics = {"val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                    "epochs_run": result.epochs_run, "parameters": sum(p.numel() for p in model.parameters())}
-        return metrics, ([module_teacher(model, ds.classes, "teacher", job.device, job.batch)], [])
+        return metrics, ([_shifted(job, module_teacher(model, ds.classes, "teacher", job.device, job.batch))], [])
     teachers, generalist_correct = [], []
     for run in job.runs:
-        teachers.append(run_teacher(run, cfg.teacher.source, job.device, job.batch))
+        teacher = run_teacher(run, cfg.teacher.source, job.device, job.batch)
+        teachers.append(_shifted(job, teacher))
         if cfg.teacher.source == "generalist":  # its test accuracy comes with the teacher's test pass
+            if teacher is not teachers[-1] and job.generalist_predicted is None:  # unless shift-averaged
+                job.generalist_predicted = teacher_scores(teacher, ds.test.inputs, job.batch).numpy().argmax(1)
             continue
         generalist = load_checkpoint(run.generalist, job.device)
         logits = predict_logits(generalist, generalist.encode(ds.test.inputs), job.batch, job.device)
@@ -230,6 +238,12 @@ def _teachers(job: _Job, log: Log, progress: bool) -> tuple[dict | None, tuple[l
         generalist_correct.append(_correct(logits, ds.test.labels))
     check_same_classes(teachers, ds.classes)
     return None, (teachers, generalist_correct)
+
+
+def _shifted(job: _Job, teacher: Teacher) -> Teacher:
+    """The teacher averaged over shifted inputs (teacher.shift_pixels), or as it is."""
+    pixels = job.cfg.teacher.shift_pixels
+    return shift_averaged(teacher, pixels, job.dataset.input_shape) if pixels else teacher
 
 
 def _out_of_fold_scores(job: _Job, log: Log, progress: bool) -> tuple[torch.Tensor, dict]:
@@ -256,8 +270,8 @@ def _out_of_fold_scores(job: _Job, log: Log, progress: bool) -> tuple[torch.Tens
         metrics = run.read_metrics()
         examples += _examples_seen(metrics)
         rows = np.flatnonzero(fold == k)
-        part = teacher_scores(run_teacher(run, source, job.device, job.batch), take_inputs(transfer.inputs, rows),
-                              job.batch)
+        teacher = _shifted(job, run_teacher(run, source, job.device, job.batch))
+        part = teacher_scores(teacher, take_inputs(transfer.inputs, rows), job.batch)
         if scores is None:
             scores = torch.empty(len(transfer), part.shape[1], dtype=part.dtype)
         scores[torch.from_numpy(rows)] = part
@@ -300,11 +314,12 @@ def _soft_targets(job: _Job, teachers: list[Teacher], log: Log, progress: bool) 
     seconds = time.perf_counter() - started
     test_scores = [teacher_scores(x, ds.test.inputs, job.batch) for x in teachers]
     test_probs = ensemble_probs(test_scores, mean=cfg.teacher.mean, inputs="logits").numpy()  # (N_test, C) at T = 1
-    if job.runs and cfg.teacher.source == "generalist":
+    if job.runs and cfg.teacher.source == "generalist" and job.generalist_predicted is None:
         job.generalist_predicted = test_scores[0].numpy().argmax(1)  # the first run's generalist
     test = _split_metrics(np.log(np.maximum(test_probs, 1e-38)), ds.test.labels, ds.classes, job.absent)
     metrics = {"source": cfg.teacher.source if job.runs else "trained", "runs": [str(r.root) for r in job.runs],
-               "mean": cfg.teacher.mean, "test_accuracy": test["accuracy"], "test_errors": test["errors"],
+               "mean": cfg.teacher.mean, "shift_pixels": cfg.teacher.shift_pixels,
+               "test_accuracy": test["accuracy"], "test_errors": test["errors"],
                "label_seconds": round(seconds, 3)}
     if job.runs and teachers[0].model is not None:
         metrics["mode"] = teachers[0].model.mode

@@ -16,6 +16,7 @@ from .models import load_checkpoint
 from .rundir import RunDir
 from .specialist import SPECIALIST_FILE
 from .train import predict_logits
+from .transfer import shift_images
 
 
 @dataclass
@@ -52,6 +53,21 @@ def combined_teacher(run_dir: str | Path, device, batch_size: int = 1024, **opti
         return torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))
 
     return Teacher(str(run_dir), list(model.classes), scores, model)
+
+
+def shift_averaged(teacher: Teacher, pixels: int, shape: tuple[int, ...]) -> Teacher:
+    """`teacher` with its distribution averaged over its image inputs (one of shape `shape`) moved by up to
+    `pixels` in each direction, zero fill: (2 pixels + 1)^2 translations, an ensemble of one model (for a
+    teacher trained on jittered images, a better one than the model alone)."""
+    moves = [(dy, dx) for dy in range(-pixels, pixels + 1) for dx in range(-pixels, pixels + 1)]
+
+    def scores(inputs) -> torch.Tensor:
+        images = np.asarray(inputs).reshape(-1, *shape)
+        probs = sum(torch.softmax(teacher.scores(shift_images(images, dy, dx).reshape(np.shape(inputs))).float(), 1)
+                    for dy, dx in moves) / len(moves)
+        return torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))  # (B, C) log of the mean
+
+    return Teacher(f"{teacher.name} (mean over {len(moves)} shifts)", teacher.classes, scores, teacher.model)
 
 
 def check_same_classes(teachers: Sequence[Teacher], classes: list[str]) -> None:

@@ -216,13 +216,13 @@ def _augment_arrays(flat: np.ndarray, source: np.ndarray, method: str, strength:
         images = x.reshape(len(x), *shape)
         moved = np.zeros_like(images)
         for r, (dy, dx) in enumerate(rng.integers(-pixels, pixels + 1, size=(len(x), 2))):
-            moved[r] = _shift(images[r], int(dy), int(dx))
+            moved[r] = shift_images(images[r], int(dy), int(dx))
         return moved.reshape(len(x), -1)
     scale = 1 + rng.normal(0.0, strength, (len(x), 1)).astype(np.float32)
     return x * scale + rng.normal(0.0, strength, (len(x), 1)).astype(np.float32) * sd
 
 
-def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+def shift_images(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """image (..., H, W) moved by dy rows and dx columns, zero fill."""
     out = np.zeros_like(image)
     h, w = image.shape[-2:]

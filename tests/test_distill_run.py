@@ -23,6 +23,7 @@ from specialists.models import create_model, load_checkpoint
 from specialists.rundir import RunDir
 from specialists.runtime import dataset_for_run
 from specialists.stages import run_pipeline
+from specialists.train import predict_logits
 from specialists.transfer import make_transfer_set
 
 QUIET = dict(log=lambda s: None, progress=False)
@@ -248,6 +249,60 @@ def test_unlabeled_transfer_file_is_checked_and_sampled(teacher_run, tmp_path):
     assert all(tuple(x) in rows for x in half.inputs)
 
 
+def _bordered_images(path, seed=0):
+    """An .npz of 8x8 images in 3 classes (a bar at a class-dependent place, noise), their outer pixel 0."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        labels = rng.integers(3, size=n)
+        images = rng.normal(0, 0.3, (n, 8, 8)).astype(np.float32)
+        for i, c in enumerate(labels):
+            images[i, 1 + 2 * c:3 + 2 * c, 1:7] += 2.0
+        images[:, [0, -1], :] = images[:, :, [0, -1]] = 0.0
+        return images, labels
+
+    (x, y), (xt, yt) = draw(300), draw(90)
+    np.savez(path, X_train=x, y_train=y, X_test=xt, y_test=yt)
+    return path
+
+
+def test_a_shift_averaged_teacher_is_the_mean_over_moved_images(tmp_path):
+    images = tmp_path / "images.npz"
+    cfg = load_distill_config(None, [
+        "data.kind=npz", f"data.path={_bordered_images(images)}", "threads=1", "teacher.model.name=mlp",
+        "teacher.model.hidden=[32]", "teacher.train.epochs=3", "student.model.hidden=[16]",
+        "student.train.epochs=2", "teacher.shift_pixels=1"])
+    m = run_distill(cfg, tmp_path / "shifted", **QUIET).read_metrics()
+    assert m["teacher"]["shift_pixels"] == 1
+    # the saved teacher over the 9 one-pixel moves of each test image, here by np.roll (the border is 0)
+    teacher = load_checkpoint(tmp_path / "shifted" / "teacher", "cpu")
+    with np.load(images) as arrays:
+        test, labels = arrays["X_test"], arrays["y_test"]
+    probs = np.mean([torch.softmax(torch.from_numpy(predict_logits(
+        teacher, teacher.encode(np.roll(test, (dy, dx), axis=(1, 2))), 64, "cpu")), 1).numpy()
+        for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    assert m["teacher"]["test_errors"] == int((probs.argmax(1) != labels).sum())
+    plain_errors = int((predict_logits(teacher, teacher.encode(test), 64, "cpu").argmax(1) != labels).sum())
+    assert plain_errors != m["teacher"]["test_errors"]  # so that the check above tells the two apart
+    plain = distill_teachers.module_teacher(teacher, [str(c) for c in range(3)], "t", "cpu")
+    same = distill_teachers.shift_averaged(plain, 0, (8, 8))  # no move: the teacher's own distribution
+    assert torch.allclose(same.scores(test).exp(), torch.softmax(plain.scores(test), 1), atol=1e-6)
+    moved = distill_teachers.shift_averaged(plain, 1, (8, 8)).scores(test).exp().numpy()
+    assert np.allclose(moved, probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("teacher.shift_pixels=8", "teacher.shift_pixels=8 moves image inputs, and must be smaller than their side"),
+    ("teacher.shift_pixels=-1", "teacher.shift_pixels=-1: must be >= 0"),
+])
+def test_bad_shift_pixels_on_images_is_refused(tmp_path, capsys, override, expect):
+    out = tmp_path / "never"
+    assert main(["distill", "--quiet", "--out", str(out), "data.kind=npz",
+                 f"data.path={_bordered_images(tmp_path / 'images.npz')}", "teacher.model.name=mlp", override]) == 2
+    assert expect in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_transfer_set_variants(teacher_run):
     _, ds = dataset_for_run(RunDir(teacher_run))
     counts = np.bincount(ds.train.labels, minlength=40)
@@ -302,6 +357,7 @@ def test_student_inherits_the_teacher_run_architecture(teacher_run, tmp_path):
     ("teacher.mean=median", "teacher.mean='median'"),
     ("transfer.omit_classes=[nope]", "'nope' is not a class"),
     ("teacher.sorce=generalist", "unknown key 'teacher.sorce'"),
+    ("teacher.shift_pixels=1", "teacher.shift_pixels=1 moves image inputs"),  # these data are vectors
 ])
 def test_bad_input_is_named_and_writes_nothing(tmp_path, capsys, override, expect):
     out = tmp_path / "never"
