@@ -1,7 +1,7 @@
 """Issue 11's accuracy-compute frontier: peers vs specialists vs hybrids at equal extra compute.
 
     python -m jobs.frontier [--config FILE] --budgets 0.25 0.5 1 2 --seeds 0 1 2 [--out DIR]
-                            [--variants default ...]
+                            [--variants default scratch ...]
 
 Compute is counted as training examples processed (forward + backward
 passes), relative to E, the generalist's own `examples_seen`. At each extra
@@ -307,8 +307,9 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config (default: the built-in Banking77 defaults)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
-                        help="specialists training variants to choose among on validation")
+    parser.add_argument("--variants", nargs="+", default=["default", "scratch"], choices=sorted(VARIANTS),
+                        help="specialists training variants to choose among on validation (default: default "
+                             "scratch, as the README's tables)")
     parser.add_argument("--out", help="where the runs and results go (default runs/frontier-<config name>)")
     parser.add_argument("--rescore", action="store_true",
                         help="score every seed again, even one whose frontier.json matches this request")
