@@ -56,9 +56,9 @@ def combined_teacher(run_dir: str | Path, device, batch_size: int = 1024, **opti
 
 
 def shift_averaged(teacher: Teacher, pixels: int, shape: tuple[int, ...]) -> Teacher:
-    """`teacher` with its distribution averaged over its image inputs (one of shape `shape`) moved by up to
-    `pixels` in each direction, zero fill: (2 pixels + 1)^2 translations, an ensemble of one model (for a
-    teacher trained on jittered images, a better one than the model alone)."""
+    """`teacher` with its distribution averaged (arithmetic mean) over its image inputs, one of shape `shape`,
+    moved by up to `pixels` in each direction, zero fill: (2 pixels + 1)^2 translations, an ensemble of one
+    model, as for a teacher trained on jittered images."""
     moves = [(dy, dx) for dy in range(-pixels, pixels + 1) for dx in range(-pixels, pixels + 1)]
 
     def scores(inputs) -> torch.Tensor:
