@@ -20,7 +20,10 @@ budget B, three ways to spend B x E more examples than the generalist:
 Every setting is chosen on the validation split: for (b) and (c) the
 specialists' training variant (--variants, see VARIANTS), combine.top_n,
 combine.specialist_weight and whether the full models are tempered; the test
-split is only reported. Per seed everything lives under DIR/seed<s>/: the
+split is only reported. The verdict at each B compares (a) with (b) or (c),
+whichever made fewer validation errors on each seed; the lower of the (b) and
+(c) test means is printed beside it, but choosing by it would be choosing on
+test. Per seed everything lives under DIR/seed<s>/: the
 generalist and its clusters (`base/`), each peer member (`members/<k>-e<epochs>/`,
 reused by every budget that trains the same member), each specialists run
 (`spec-b<B>-<variant>/`, forked from base by `stages.fork_run`), with the
@@ -255,6 +258,14 @@ METHODS = (("peer", "(a) peer ensemble"), ("specialists", "(b) generalist + spec
            ("specialists_fixed", "(b) with the config's combine settings, as `specialists run` reports it"))
 
 
+METHOD_NAMES = {"specialists": "(b)", "hybrid": "(c)"}
+
+
+def chosen_method(row: dict) -> str:
+    """(b) or (c), whichever made fewer validation errors; (b), the one with fewer full models, on a tie."""
+    return min((m for m in METHOD_NAMES if m in row), key=lambda m: row[m]["val_errors"])
+
+
 def setting_text(r: dict) -> str:
     parts = [f"{r['full_models']} full model{'s' if r['full_models'] > 1 else ''}"]
     if r.get("variant"):
@@ -292,11 +303,19 @@ def summarise(results: dict[int, dict], budgets: list[float], title: str) -> tup
         if worse:
             rows.append([f"{budget:g}", "worse than the generalist", "", "", "",
                          ", ".join(f"seed {s} {m}" for s, m in worse)])
+        if budget not in means.get("peer", {}):
+            continue
         best = min(("specialists", "hybrid"), key=lambda m: means.get(m, {}).get(budget, float("inf")))
-        if budget in means.get(best, {}) and budget in means.get("peer", {}):
-            won = means[best][budget] < means["peer"][budget]
-            rows.append([f"{budget:g}", "best of (b), (c) vs (a)", f"{means[best][budget] - means['peer'][budget]:+.1f}",
-                         "", "", "won" if won else "NOT won"])
+        if budget in means.get(best, {}):
+            rows.append([f"{budget:g}", "lower of the (b), (c) means vs (a) (a choice made on test)",
+                         f"{means[best][budget] - means['peer'][budget]:+.1f}", "", "", ""])
+        chosen = [chosen_method(results[s]["budgets"][key]) for s in seeds]
+        test = [results[s]["budgets"][key][m]["test_errors"] for s, m in zip(seeds, chosen)]
+        means.setdefault("chosen", {})[budget] = float(np.mean(test))
+        gap = means["chosen"][budget] - means["peer"][budget]
+        rows.append([f"{budget:g}", "(b) or (c), chosen per seed on validation, vs (a)",
+                     " ".join(map(str, test)) + f" ({np.mean(test):.1f}): {gap:+.1f}", "", "",
+                     ("won" if gap < 0 else "NOT won") + ": " + ", ".join(METHOD_NAMES[m] for m in chosen)])
     doc.add(Table(["B", "method", "test errors per seed (mean)", "examples (x E)", "CPU-s", "settings per seed"],
                   rows))
     return doc, {"generalist": float(np.mean(general)), "means": means}

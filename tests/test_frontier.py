@@ -1,0 +1,36 @@
+from jobs.frontier import chosen_method, summarise
+from specialists.report.document import render_md
+
+
+def record(val: int, test: int, full_models: int = 1, **extra) -> dict:
+    return {"val_errors": val, "test_errors": test, "examples_x": 1.5, "cpu_seconds": 1.0,
+            "full_models": full_models, "tempered": False, "variant": "default", "top_n": 2,
+            "specialist_weight": 1.0, **extra}
+
+
+def seed_results(peer: tuple, specialists: tuple, hybrid: tuple) -> dict:
+    row = {"peer": record(*peer, full_models=2, variant=None),
+           "specialists": record(*specialists), "specialists_fixed": record(*specialists),
+           "hybrid": record(*hybrid, full_models=2, specialists_budget=0.25)}
+    return {"generalist": {"test_errors": 500}, "budgets": {"0.5": row}}
+
+
+def test_the_verdict_takes_b_or_c_by_validation_not_by_the_test_means():
+    # (c) has the lower test mean (395 against 400) but (b) is better on validation on both seeds,
+    # so the verdict compares (b)'s 400 with the peers' 398: not won.
+    results = {0: seed_results(peer=(100, 398), specialists=(90, 400), hybrid=(95, 390)),
+               1: seed_results(peer=(100, 398), specialists=(90, 400), hybrid=(95, 400))}
+    doc, summary = summarise(results, [0.5], "t")
+    text = render_md(doc)
+    assert summary["means"]["chosen"][0.5] == 400.0
+    assert "400 400 (400.0): +2.0" in text and "NOT won: (b), (b)" in text
+    assert "-3.0" in text  # the lower test mean, (c)'s 395, printed beside it
+
+
+def test_a_validation_tie_goes_to_the_method_with_fewer_full_models():
+    row = seed_results(peer=(100, 398), specialists=(90, 400), hybrid=(90, 380))["budgets"]["0.5"]
+    assert chosen_method(row) == "specialists"
+    del row["hybrid"]
+    assert chosen_method(row) == "specialists"
+    row["hybrid"] = record(89, 380, full_models=2)
+    assert chosen_method(row) == "hybrid"
