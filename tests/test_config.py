@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,18 @@ def test_defaults_are_the_banking77_config():
     cfg = load_config(None, [])
     assert cfg.data.kind == "csv_text" and cfg.data.train == "builtin:banking77/train.csv"
     assert load_config("configs/banking77.yaml", []) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load = load_distill_config if path.name.startswith("distill_") else load_config
+    assert load(path, [])
+
+
+def test_the_chars_config_is_the_default_with_character_ngrams():
+    chars = load_config("configs/banking77_chars.yaml", [])
+    assert chars.model.char_ngrams == 3
+    assert dataclasses.replace(chars, model=dataclasses.replace(chars.model, char_ngrams=0)) == load_config(None, [])
 
 
 def test_yaml_then_overrides(tmp_path):
