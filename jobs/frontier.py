@@ -68,6 +68,8 @@ VARIANTS = {
     "widen2": ["specialists.widen=2"],  # specialists that differ more from the generalist: twice its hidden units
     "scratch": ["specialists.init=scratch"],  # independent of the generalist: its network, fresh weights
     "scratch_soft0": ["specialists.init=scratch", "specialists.soft_weight=0"],  # nor pulled towards its outputs
+    # fasttext: specialists that read character 1..3-grams beside the generalist's words, so they err differently
+    "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3"],
 }
 TOP_N = (1, 2, 3)
 SPECIALIST_WEIGHTS = (1.0, 2.0, 4.0, 8.0)

@@ -307,12 +307,21 @@ class SpecialistsConfig:
     # seed (only the input encoding, e.g. feature standardisation, is the generalist's): independent of it, like
     # a peer member, for data where ensembles gain from independent errors
     init: str = "generalist"
+    # With init=scratch and model.name=fasttext, the specialists may hash other n-grams than the generalist
+    # (0 / -1: the model's): specialists that read other features make errors of their own (README, the frontier)
+    ngrams: int = 0
+    char_ngrams: int = -1
     # Extra training compute of all specialists together, as a fraction of the generalist's examples_seen
     # (forward + backward passes), shared in proportion to their epoch sizes; early stopping still applies.
     # 0: no budget (specialists.epochs and early stopping decide). 0.5: chosen on Banking77 validation errors
     # (README, Performance: the accuracy-compute frontier).
     budget: float = 0.5
     schedule: str = ""  # "": train.schedule; linear: the learning rate decays to 0 over each one's budget share
+
+    def hashing(self) -> dict:
+        """The fasttext settings a specialist reads instead of the generalist's (empty: the same)."""
+        return {**({"ngrams": self.ngrams} if self.ngrams else {}),
+                **({"char_ngrams": self.char_ngrams} if self.char_ngrams >= 0 else {})}
 
     def validate(self, prefix: str = "specialists") -> None:
         require(0 < self.special_fraction < 1, f"{prefix}.special_fraction", self.special_fraction,
@@ -327,6 +336,9 @@ class SpecialistsConfig:
         require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
         require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
         require(self.init in SPECIALIST_INITS, f"{prefix}.init", self.init, f"must be one of {SPECIALIST_INITS}")
+        require(self.ngrams >= 0, f"{prefix}.ngrams", self.ngrams, "must be >= 0 (0 = model.ngrams)")
+        require(-1 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
+                 "must be in [-1, 8] (-1 = model.char_ngrams, 0 = none)")
         require(self.schedule in ("", *SCHEDULES), f"{prefix}.schedule", self.schedule,
                  f"must be one of {SCHEDULES}, or empty for train.schedule")
         require(self.budget >= 0, f"{prefix}.budget", self.budget,
@@ -431,6 +443,10 @@ class RunConfig:
         require(self.specialists.init == "generalist" or self.model.name not in USER_MODELS, "specialists.init",
                  self.specialists.init, f"must be generalist with model.name={self.model.name}: a model you bring is "
                  "initialised by its own weights")
+        for key, value in self.specialists.hashing().items():
+            require(self.model.name == "fasttext" and self.specialists.init == "scratch", f"specialists.{key}", value,
+                    "needs model.name=fasttext and specialists.init=scratch: a specialist started from the "
+                    "generalist's weights must read its features")
         require(self.combine.generalists == 1 or self.peer.enabled, "combine.generalists", self.combine.generalists,
                  "needs peer.enabled=true: full models beyond the generalist are peer members (without the peer "
                  "stage there is 1 full model)")

@@ -27,7 +27,7 @@ import torch
 from .choices import DUSTBIN_MODES
 from .combine import active_specialists, solve, solve_rows
 from .config import CombineConfig, load_config
-from .models import load_checkpoint, resolve_device, torch_threads
+from .models import encoding_key, load_checkpoint, resolve_device, torch_threads
 from .rundir import RunDir, RunDirError
 from .dustbin import dustbin_corrected
 from .specialist import SPECIALIST_FILE, file_sha256, load_specialist
@@ -62,6 +62,30 @@ def combine_outputs(full: torch.Tensor, specialist_probs, specialist_classes, to
     active = active_specialists(general, specialist_classes, top_n, weights)  # (N, M)
     spec_weights = torch.full((len(specialist_probs),), float(specialist_weight), dtype=full.dtype, device=full.device)
     return solve(general, specialist_probs, specialist_classes, active, weights, spec_weights)
+
+
+class Encodings:
+    """Raw inputs encoded once for each way the run's models read them (`models.encoding_key`): the
+    generalist's, and another for specialists that hash other n-grams (`specialists.ngrams` / `char_ngrams`)."""
+
+    def __init__(self, inputs, generalist: torch.nn.Module):
+        self.inputs, self.generalist, self.encoded = inputs, generalist, {}
+        self.of(generalist)  # bad inputs are refused here, before any batch
+
+    def of(self, model: torch.nn.Module):
+        key = encoding_key(model)
+        if key is None:  # encodes as its generalist does
+            key, model = encoding_key(self.generalist), self.generalist
+        if key not in self.encoded:
+            self.encoded[key] = model.encode(self.inputs)
+        return self.encoded[key]
+
+    def batch(self, model: torch.nn.Module, index: np.ndarray, device: torch.device) -> tuple:
+        """The arguments of `model`'s forward for rows `index`."""
+        return self.of(model).batch(index, device)
+
+    def __len__(self) -> int:
+        return len(self.of(self.generalist))
 
 
 class SpecialistsModel:
@@ -185,10 +209,10 @@ class SpecialistsModel:
             raise TypeError(f"inputs must be a list, an array or an iterable of examples, not {type(inputs).__name__}")
         return list(inputs)
 
-    def _encode(self, inputs):
+    def _encode(self, inputs) -> Encodings:
         if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO" and self.input_kind == "text":
             inputs = inputs.tolist()
-        return self.generalist.encode(inputs)
+        return Encodings(inputs, self.generalist)
 
     def _correction(self, info: dict) -> float:
         if self.dustbin == "none":
@@ -203,8 +227,8 @@ class SpecialistsModel:
     @torch.no_grad()
     def _combine_batch(self, encoded, index: np.ndarray) -> tuple[torch.Tensor, dict]:
         """(B, C) combined probabilities for rows `index` of `encoded`, and what went into them."""
-        batch = encoded.batch(index, self.device)
-        full = torch.stack([torch.softmax(model(*batch).double(), dim=1) for model in self.full_models])  # (G, B, C)
+        full = torch.stack([torch.softmax(model(*encoded.batch(model, index, self.device)).double(), dim=1)
+                            for model in self.full_models])  # (G, B, C)
         for g in range(len(full)):
             if not torch.isfinite(full[g]).all():
                 raise ValueError(f"{'the generalist' if g == 0 else f'peer member {g}'} produced NaN/inf "
@@ -223,7 +247,7 @@ class SpecialistsModel:
                 rows = torch.nonzero(active[:, m]).flatten()
                 probs = torch.zeros(0, len(info["classes"]) + 1, dtype=torch.float64, device=self.device)
                 if len(rows):
-                    logits = model(*encoded.batch(index[rows.cpu().numpy()], self.device)).double()
+                    logits = model(*encoded.batch(model, index[rows.cpu().numpy()], self.device)).double()
                     probs = torch.softmax(dustbin_corrected(logits, self._correction(info)), dim=1)
                     if not torch.isfinite(probs).all():
                         raise ValueError(f"specialist {info.get('id', m)} produced NaN/inf probabilities")
@@ -268,11 +292,13 @@ class SpecialistsModel:
         full = [[] for _ in self.full_models]
         special = [[] for _ in self.specialists]
         for start in range(0, len(encoded), batch_size):
-            batch = encoded.batch(np.arange(start, min(start + batch_size, len(encoded))), self.device)
+            index = np.arange(start, min(start + batch_size, len(encoded)))
             for out, model in zip(full, self.full_models):
-                out.append(torch.softmax(model(*batch).double(), dim=1).float().cpu().numpy())
+                out.append(torch.softmax(model(*encoded.batch(model, index, self.device)).double(), dim=1)
+                           .float().cpu().numpy())
             for out, (model, info) in zip(special, self.specialists):
-                logits = dustbin_corrected(model(*batch).double(), self._correction(info))
+                logits = dustbin_corrected(model(*encoded.batch(model, index, self.device)).double(),
+                                           self._correction(info))
                 out.append(torch.softmax(logits, dim=1).float().cpu().numpy())
         width = [len(info["classes"]) + 1 for _, info in self.specialists]
         full_probs = np.stack([np.concatenate(o) if o else np.zeros((0, len(self.classes)), np.float32) for o in full])

@@ -61,6 +61,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     use_specialists): the combination the export reproduces.
     """
     from .ensemble import SpecialistsModel
+    from .models import encoding_key
 
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} must be one of {sorted(FORMATS)}")
@@ -72,6 +73,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
                 raise ExportError(f"ONNX export needs the {package!r} package: pip install 'specialists[export]' "
                                   "(or use --format torchscript)") from None
     model = SpecialistsModel(run_dir, "cpu", **options)
+    reads = {encoding_key(m) for m, _ in model.specialists} - {None, encoding_key(model.generalist)}
+    if reads:
+        raise ExportError(f"{model.run.root}: its specialists hash other n-grams than the generalist "
+                          "(specialists.ngrams / char_ngrams), and the exported combiner takes one encoding of the "
+                          "inputs; export it with use_specialists=False, or serve it with specialists.load")
     out = Path(out) if out is not None else model.run.root / f"export-{format}"
     _check_out(out)
     example = _example_inputs(model.generalist)

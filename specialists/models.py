@@ -524,13 +524,22 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
 # specialists: the generalist's network with a head over some classes plus a dustbin
 
 
-def with_fresh_weights(model: nn.Module) -> nn.Module:
+def encoding_key(model: nn.Module) -> tuple | None:
+    """Models with equal keys encode raw inputs alike: a fasttext model's hashing settings. None for every
+    other kind: its specialists keep their generalist's encoding (the buffers `with_fresh_weights` keeps)."""
+    if isinstance(model, FastText):
+        return model.buckets, model.ngrams, model.char_ngrams, model.tokenizer
+    return None
+
+
+def with_fresh_weights(model: nn.Module, **hashing) -> nn.Module:
     """The same network with the parameters its constructor draws (from torch's current seed).
 
     Buffers, which hold the input encoding (a feature standardisation fitted
     on the training data), are kept: only what training learns starts anew.
+    hashing: a fasttext model's `ngrams` / `char_ngrams` to read instead of its own.
     """
-    fresh = create_model(model.spec["name"], **model.spec["kwargs"])
+    fresh = create_model(model.spec["name"], **{**model.spec["kwargs"], **hashing})
     params, kept = {name for name, _ in fresh.named_parameters()}, model.state_dict()
     fresh.load_state_dict({name: value if name in params else kept[name] for name, value in fresh.state_dict().items()})
     return fresh

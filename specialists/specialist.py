@@ -95,7 +95,7 @@ def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cf
     seed_everything(plan.seed)  # the widened units' fresh weights, or all of them
     model = with_dustbin_head(generalist, classes, widen=s.widen)
     if s.init == "scratch":
-        model = with_fresh_weights(model)
+        model = with_fresh_weights(model, **s.hashing())
     correction = dustbin_correction(plan.fraction, plan.natural_fraction)
     prior_shift = correction if s.dustbin_correction == "prior" else 0.0
     stored_correction = 0.0 if s.dustbin_correction == "none" else correction

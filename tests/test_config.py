@@ -62,11 +62,21 @@ def test_dumped_config_round_trips(tmp_path):
     ("peer.max_members=1", "peer.max_members=1"),
     ("train.max_norm=-1", "train.max_norm=-1"),
     ("specialists.init=random", "specialists.init='random'"),
+    ("specialists.ngrams=-1", "specialists.ngrams=-1"),
+    ("specialists.char_ngrams=9", "specialists.char_ngrams=9"),
+    ("specialists.char_ngrams=3", "specialists.char_ngrams=3"),  # the default init=generalist reads its features
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
+
+
+def test_specialists_hashing_needs_fasttext_and_a_scratch_start():
+    with pytest.raises(ConfigError, match=r"specialists.ngrams=1: needs model.name=fasttext"):
+        load_config("configs/synthetic.yaml", ["specialists.init=scratch", "specialists.ngrams=1"])
+    cfg = load_config(None, ["specialists.init=scratch", "specialists.char_ngrams=3"])
+    assert cfg.specialists.hashing() == {"char_ngrams": 3} and RunConfig().specialists.hashing() == {}
 
 
 def test_unknown_key_in_yaml_is_named(tmp_path):

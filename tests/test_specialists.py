@@ -17,9 +17,11 @@ import pytest
 import ray
 import torch
 
-from conftest import tiny_config
+from conftest import csv_overrides, tiny_config, write_csv
 from jobs.procs import ray_processes_under
-from specialists.config import ConfigError, RayConfig
+from specialists.config import ConfigError, RayConfig, load_config
+from specialists.ensemble import SpecialistsModel, combine_outputs
+from specialists.export import ExportError, export_run
 from specialists.models import create_model, load_checkpoint, with_dustbin_head, with_fresh_weights
 from specialists.parallel import ray_session, train_specialists
 from specialists.rundir import RunDir, RunDirError
@@ -229,6 +231,41 @@ def test_a_specialist_starts_from_the_generalist_or_from_its_own_seed(tiny_run, 
             continue
         assert torch.allclose(value, (from_generalist if init == "generalist" else drawn)[name], atol=1e-6), name
         assert not torch.allclose(value, (drawn if init == "generalist" else from_generalist)[name]), name
+
+
+def test_specialists_that_hash_character_grams_are_served_their_own_encoding(tmp_path):
+    # Six intents of distinct words; two clusters of three; scratch specialists hashing 1..3-character grams.
+    rng = np.random.default_rng(0)
+    words = {f"intent{c}": [f"w{c}x{i}" for i in range(6)] for c in range(6)}
+
+    def rows(n):
+        return [[" ".join(rng.choice(ws, size=5)), label] for label, ws in words.items() for _ in range(n)]
+
+    train, test = write_csv(tmp_path / "train.csv", rows(20)), write_csv(tmp_path / "test.csv", rows(5))
+    cfg = load_config(None, [*csv_overrides(train, test), "data.val_fraction=0.2", "cluster.n_clusters=2", ON,
+                             "peer.enabled=false", "specialists.init=scratch", "specialists.char_ngrams=3",
+                             "specialists.budget=0", "specialists.epochs=3"])
+    run = run_pipeline(cfg, tmp_path / "run", **QUIET)
+    model = SpecialistsModel(run.root, "cpu")
+    texts = [r[0] for r in rows(2)]
+    rows_all = np.arange(len(texts))
+    full, special = model.outputs(texts)
+    assert model.generalist.char_ngrams == 0 and len(special) == 2
+    for (net, info), probs, correction in zip(model.specialists, special, model.dustbin_corrections()):
+        assert net.char_ngrams == 3
+        with torch.no_grad():
+            own = net(*net.encode(texts).batch(rows_all, torch.device("cpu")))
+            general = net(*model.generalist.encode(texts).batch(rows_all, torch.device("cpu")))
+        own_probs = torch.softmax(dustbin_corrected(own.double(), correction), 1).float().numpy()
+        assert np.allclose(probs, own_probs, atol=1e-6)
+        assert not np.allclose(probs, torch.softmax(general.double(), 1).float().numpy(), atol=1e-3)
+    classes = [torch.tensor(info["classes"]) for _, info in model.specialists]
+    expected = combine_outputs(torch.from_numpy(full).double(), [torch.from_numpy(p).double() for p in special],
+                               classes, model.top_n, model.specialist_weight).numpy()
+    assert np.allclose(model.predict_proba(texts), expected, atol=1e-5)
+    with pytest.raises(ExportError, match="hash other n-grams"):
+        export_run(run.root, tmp_path / "export", "torchscript", log=lambda s: None)
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds Ray's worker processes through /proc")
