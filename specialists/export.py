@@ -77,7 +77,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     if reads:
         raise ExportError(f"{model.run.root}: its specialists hash other n-grams than the generalist "
                           "(specialists.ngrams / char_ngrams), and the exported combiner takes one encoding of the "
-                          "inputs; serve it with specialists.load (export_run(..., use_specialists=False) exports its full models alone)")
+                          "inputs; serve it with specialists.load (export_run(..., use_specialists=False) exports "
+                          "its full models alone)")
     out = Path(out) if out is not None else model.run.root / f"export-{format}"
     _check_out(out)
     example = _example_inputs(model.generalist)
