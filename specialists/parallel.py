@@ -237,7 +237,8 @@ class _EarlyStart:
         try:
             with _quiet_sigterm_warning():
                 self.where = _connect(self.cfg)
-            self.warming = _warm_workers(self.cfg, check_resources(self.cfg, self.where), self.workers)
+            if self.workers:
+                self.warming = _warm_workers(self.cfg, check_resources(self.cfg, self.where), self.workers)
         except BaseException as err:  # noqa: BLE001 - raised again in the driver's thread by join
             self.error = err
         self.started.set()
@@ -336,22 +337,23 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
     global _early
     _settle()
     early, _early = _early, None
-    if early is not None:
-        where = early.join()
-    elif ray.is_initialized():
+    began = early is not None
+    if not began and ray.is_initialized():
         yield check_resources(cfg, "the running Ray instance")
         return
-    else:
-        where = _connect(cfg)
+    if not began:
+        # Connected from a thread of its own, as start_early does, never from the caller's: Ray keeps each
+        # thread's task counter across sessions, and the thread that connects numbers its tasks from the
+        # same first id in every session, so a thread that connected once and submits in a later session
+        # can repeat a task id, which aborts the process ("Check failed: inserted.second").
+        early = _EarlyStart(cfg, 0)
+    where = early.join()
     try:
         resources = check_resources(cfg, where)
         log(f"ray: {where}, {resources['nodes']} node(s), {resources['cpus']:g} CPUs, {resources['gpus']:g} GPUs")
         yield resources
     finally:
-        if early is not None:
-            early.stop(wait=False)  # in its thread, while the run goes on; stop_early waits for it
-        else:
-            ray.shutdown()
+        early.stop(wait=not began)  # begun early: in its thread, while the run goes on; stop_early waits
 
 
 # ---------------------------------------------------------------------------

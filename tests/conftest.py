@@ -42,12 +42,12 @@ def tiny_config(*overrides: str):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray instance (2 CPUs) for a test module that asks for it."""
-    import ray
+    """One local Ray instance (2 CPUs) for a test module that asks for it, connected as the runs connect."""
+    from specialists.config import RayConfig
+    from specialists.parallel import ray_session
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+    with ray_session(RayConfig(num_cpus=2), log=lambda line: None):
+        yield
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """Issue 11: the specialists' compute budget, and the hybrid of several full models with the specialists.
 
-One local Ray instance serves the module (`ray.init(num_cpus=2)`), and one tiny
+One local Ray instance serves the module (conftest.local_ray, 2 CPUs), and one tiny
 run (`specialists.budget=0.5`, `combine.generalists=2`) most of the tests.
 """
 

@@ -24,7 +24,7 @@ import torch
 
 from conftest import REPO, TINY_SYNTHETIC, tiny_config
 from specialists.cli import main
-from specialists.config import ConfigError, load_config
+from specialists.config import ConfigError, RayConfig, load_config
 from specialists.rundir import RunDir, RunDirError
 from specialists.stages import fork_run, run_pipeline
 
@@ -296,7 +296,6 @@ def test_bad_ray_address_at_resume_follows_override_then_environment_then_saved(
 
 
 def test_ray_started_early_is_taken_over_by_the_stage_and_shut_down_after(no_ray):
-    from specialists.config import RayConfig
     from specialists.parallel import ray_session, start_early, stop_early
 
     start_early(RayConfig(num_cpus=1), workers=1)
@@ -328,6 +327,29 @@ def test_an_early_start_that_failed_fails_the_stage_with_its_error(no_ray):
     assert not ray.is_initialized()
 
 
+SESSIONS_IN_ONE_PROCESS = """
+import ray
+from specialists.config import RayConfig
+from specialists.parallel import ray_session, start_early, stop_early, warm_worker
+with ray_session(RayConfig(num_cpus=1), log=print):  # a session of its own, as train_specialists opens
+    pass
+start_early(RayConfig(num_cpus=1), workers=1)  # then a run's: connected and warmed in a background thread
+with ray_session(RayConfig(num_cpus=1), log=print):
+    ray.get(warm_worker.remote())
+    print("submitted from the caller's thread")
+stop_early()
+"""
+
+
+def test_sessions_one_after_another_in_one_process_submit_from_the_callers_thread():
+    """A notebook or job that trains specialists again after an earlier session: Ray must not abort the process
+    on a repeated task id (it did when the caller's thread had connected an earlier session itself)."""
+    done = subprocess.run([sys.executable, "-c", SESSIONS_IN_ONE_PROCESS], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "submitted from the caller's thread" in done.stdout
+
+
 def test_a_run_that_fails_before_its_specialists_leaves_no_ray_running(no_ray, tmp_path):
     """Ray starts with the run (parallel.start_early); a generalist that diverges ends the run, and Ray too."""
     from specialists import parallel
@@ -345,10 +367,10 @@ def test_a_run_that_fails_before_its_specialists_leaves_no_ray_running(no_ray, t
 @pytest.fixture(scope="module")
 def shared_ray():
     """A local Ray instance in this process, which the interrupted `specialists run` processes join."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    from specialists.parallel import ray_session
+
+    with ray_session(RayConfig(num_cpus=2), log=lambda line: None):
+        yield ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture(scope="module")
