@@ -1,7 +1,7 @@
 """Issue 11's accuracy-compute frontier: peers vs specialists vs hybrids at equal extra compute.
 
     python -m jobs.frontier [--config FILE] --budgets 0.25 0.5 1 2 --seeds 0 1 2 [--out DIR]
-                            [--variants default scratch ...]
+                            [--variants generalist scratch ...]
 
 Compute is counted as training examples processed (forward + backward
 passes), relative to E, the generalist's own `examples_seen`. At each extra
@@ -59,21 +59,28 @@ from specialists.stages import fork_run, run_pipeline
 from specialists.train import predict_proba
 
 # specialists.* overrides of each training variant; the config's own settings are "default"
+WORDS = ["specialists.ngrams=0", "specialists.char_ngrams=-1"]  # the generalist's hashing
 VARIANTS = {
     "default": [],
+    "generalist": ["specialists.init=generalist", *WORDS],  # the paper's start: the generalist's weights
     "lr0.02": ["specialists.lr=0.02"],
     "soft0": ["specialists.soft_weight=0"],
     "soft0.5": ["specialists.soft_weight=0.5"],
     "linear": ["specialists.schedule=linear", "specialists.lr=0.02"],
     "widen2": ["specialists.widen=2"],  # specialists that differ more from the generalist: twice its hidden units
-    "scratch": ["specialists.init=scratch"],  # independent of the generalist: its network, fresh weights
-    "scratch_soft0": ["specialists.init=scratch", "specialists.soft_weight=0"],  # nor pulled towards its outputs
+    "scratch": ["specialists.init=scratch", *WORDS],  # independent of the generalist: its network, fresh weights
+    "scratch_soft0": ["specialists.init=scratch", *WORDS, "specialists.soft_weight=0"],  # nor pulled towards its outputs
     # fasttext: specialists that read character 1..3-grams beside the generalist's words, so they err differently
     "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3"],
 }
 TOP_N = (1, 2, 3)
 SPECIALIST_WEIGHTS = (1.0, 2.0, 4.0, 8.0)
 SPLITS = ("val", "test")
+
+
+def default_variants(cfg) -> list[str]:
+    """The paper's start and a fresh one; for fasttext also fresh specialists on character grams."""
+    return ["generalist", "scratch"] + (["scratch_chars3"] if cfg.model.name == "fasttext" else [])
 
 
 def quiet(_: str) -> None:
@@ -328,9 +335,9 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config (default: the built-in Banking77 defaults)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["default", "scratch"], choices=sorted(VARIANTS),
-                        help="specialists training variants to choose among on validation (default: default "
-                             "scratch, as the README's tables)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                        help="specialists training variants to choose among on validation (default: generalist "
+                             "scratch, and scratch_chars3 for fasttext, as the README's tables)")
     parser.add_argument("--out", help="where the runs and results go (default runs/frontier-<config name>)")
     parser.add_argument("--rescore", action="store_true",
                         help="score every seed again, even one whose frontier.json matches this request")
@@ -339,6 +346,7 @@ def main() -> None:
     out = Path(args.out or f"runs/frontier-{name}")
     out.mkdir(parents=True, exist_ok=True)
     budgets = sorted(args.budgets)
+    args.variants = args.variants or default_variants(load_config(args.config))
 
     results = {}
     request = {"config": args.config, "budgets": budgets, "variants": sorted(args.variants)}

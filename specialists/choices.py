@@ -16,6 +16,7 @@ NORMALIZATIONS = ("covariance", "correlation", "l2")  # cluster.ConfusionCluster
 ENSEMBLE_MEANS = ("arithmetic", "geometric")  # distill.ensemble_probs and combine.solve (mean=...)
 DUSTBIN_CORRECTIONS = ("prior", "paper", "none")  # how a specialist trains and stores b (dustbin.py)
 SPECIALIST_INITS = ("generalist", "scratch")  # a specialist's starting weights (specialist.py)
+AUTO = "auto"  # specialists.init: the model's default start, made concrete when the config loads
 DUSTBIN_MODES = ("active", "natural", "none")  # which stored correction a combiner applies (ensemble.py)
 # what a teacher run gives a distilled student (distill_run.py): generalist + specialists, the generalist alone,
 # the peer ensemble (generalist + peers/<k>/, section 4), or the hybrid (all full models + specialists)

@@ -13,7 +13,9 @@ runs wherever numpy and a runtime for the models (onnxruntime, torch) do:
 
 `inputs` are the models' encoded inputs as numpy arrays: (x,) for feature and image
 models, (ids, offsets) for text (export.json's "input" says how texts are hashed; in
-Python, `specialists.models.hash_ngrams` with those settings).
+Python, `specialists.models.hash_ngrams` with those settings). Where specialists hash
+other n-grams than the generalist, input.encodings lists each hashing and each model's
+"encoding" indexes it: `inputs` is then a list with one (ids, offsets) per encoding.
 
 What it computes, as `specialists.ensemble.SpecialistsModel` does (section 5.4 of
 Hinton, Vinyals & Dean, 2015):
@@ -81,6 +83,8 @@ class Combiner:
         self.top_n = int(spec["combine"]["top_n"])
         self.specialist_weight = float(spec["combine"]["specialist_weight"])
         self.n_full = len(spec["full_models"])
+        self.n_encodings = len(spec["input"].get("encodings") or [None])
+        self.model_encodings = [int(f.get("encoding", 0)) for f in spec["full_models"] + spec["specialists"]]
         self.specialist_classes = [np.asarray(s["classes"], dtype=np.int64) for s in spec["specialists"]]
         self.corrections = [float(s["dustbin_correction"]) for s in spec["specialists"]]
         self.model_files = [self.folder / f["file"] for f in spec["full_models"]] + \
@@ -133,15 +137,25 @@ class Combiner:
     def run(self, inputs: tuple, models: list) -> np.ndarray:
         """(N, C) probabilities of encoded `inputs`; `models`: one callable per entry of
         model_files, from encoded arrays to (rows, outputs) logits."""
-        inputs = tuple(np.asarray(a) for a in inputs)
-        full = [np.asarray(model(*inputs)) for model in models[:self.n_full]]
+        encoded = self.per_encoding(inputs)
+        reads = [encoded[e] for e in self.model_encodings]
+        full = [np.asarray(model(*x)) for model, x in zip(models[:self.n_full], reads)]
         active = self.active(self.general_probs(full))
         specialist_logits = []
-        for m, model in enumerate(models[self.n_full:]):
+        for m, (model, x) in enumerate(zip(models[self.n_full:], reads[self.n_full:])):
             rows = np.flatnonzero(active[:, m])
-            specialist_logits.append(np.asarray(model(*take_rows(inputs, rows, self.input_kind))) if len(rows)
+            specialist_logits.append(np.asarray(model(*take_rows(x, rows, self.input_kind))) if len(rows)
                                      else None)
         return self.predict_proba(full, specialist_logits)
+
+    def per_encoding(self, inputs) -> list[tuple]:
+        """`inputs` as one tuple of arrays per encoding (a list of them where there are several)."""
+        if self.n_encodings == 1:
+            return [tuple(np.asarray(a) for a in inputs)]
+        if not isinstance(inputs, list) or len(inputs) != self.n_encodings:
+            raise ValueError(f"this export's models read {self.n_encodings} encodings of the inputs (export.json: "
+                             f"input.encodings): pass a list of {self.n_encodings} input tuples, one per encoding")
+        return [tuple(np.asarray(a) for a in x) for x in inputs]
 
 
 def load(folder: str | Path) -> Combiner:

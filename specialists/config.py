@@ -31,6 +31,7 @@ from .choices import (  # the one list of each choice; choices.py imports nothin
     NORMALIZATIONS,
     OPTIMIZERS,
     SCHEDULES,
+    AUTO,
     SPECIALIST_INITS,
     USER_MODELS,
 )
@@ -47,6 +48,7 @@ _FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w
 MAX_WIDTH = 1 << 16  # a hidden layer's units, an embedding's dimensions
 MAX_BUCKETS = 1 << 26  # hashed n-gram rows
 MAX_TABLE = 1 << 31  # weights of the embedding table (8 GiB of float32)
+FASTTEXT_SPECIALIST_CHAR_NGRAMS = 3  # what specialists.init=auto's fasttext specialists read beside the words
 
 
 def require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -305,8 +307,9 @@ class SpecialistsConfig:
     widen: float = 1.0  # hidden widths x this; the extra units start with zero outgoing weights
     # generalist: its weights (the paper). scratch: the same network with fresh weights drawn from the specialist's
     # seed (only the input encoding, e.g. feature standardisation, is the generalist's): independent of it, like
-    # a peer member, for data where ensembles gain from independent errors
-    init: str = "generalist"
+    # a peer member, for data where ensembles gain from independent errors. auto: the model's default, made
+    # concrete when the config loads (RunConfig.with_model_defaults).
+    init: str = AUTO
     # With init=scratch and model.name=fasttext, the specialists may hash other n-grams than the generalist
     # (0 / -1: the model's): specialists that read other features make errors of their own (README, the frontier)
     ngrams: int = 0
@@ -335,7 +338,8 @@ class SpecialistsConfig:
         require(self.lr >= 0, f"{prefix}.lr", self.lr, "must be >= 0 (0 = train.lr)")
         require(self.patience >= -1, f"{prefix}.patience", self.patience, "must be >= -1 (-1 = train.patience)")
         require(self.widen >= 1, f"{prefix}.widen", self.widen, "must be >= 1 (1 = the generalist's widths)")
-        require(self.init in SPECIALIST_INITS, f"{prefix}.init", self.init, f"must be one of {SPECIALIST_INITS}")
+        require(self.init in SPECIALIST_INITS, f"{prefix}.init", self.init,
+                f"must be one of {(AUTO, *SPECIALIST_INITS)}")
         require(self.ngrams >= 0, f"{prefix}.ngrams", self.ngrams, "must be >= 0 (0 = model.ngrams)")
         require(-1 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
                  "must be in [-1, 8] (-1 = model.char_ngrams, 0 = none)")
@@ -424,6 +428,23 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     combine: CombineConfig = field(default_factory=CombineConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+
+    def with_model_defaults(self) -> RunConfig:
+        """This config with `specialists.init=auto` made concrete for its model.
+
+        fasttext: scratch specialists that read character 1..FASTTEXT_SPECIALIST_CHAR_NGRAMS-grams beside the
+        generalist's words (unless specialists.char_ngrams is set), chosen on Banking77 validation errors (README,
+        the accuracy-compute frontier). Other models: the generalist's weights, the paper's start.
+        """
+        s = self.specialists
+        if s.init != AUTO:
+            return self
+        if self.model.name == "fasttext":
+            chars = FASTTEXT_SPECIALIST_CHAR_NGRAMS if s.char_ngrams == -1 else s.char_ngrams
+            s = dataclasses.replace(s, init="scratch", char_ngrams=chars)
+        else:
+            s = dataclasses.replace(s, init="generalist")
+        return dataclasses.replace(self, specialists=s)
 
     def validate(self) -> None:
         require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
@@ -593,6 +614,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     config = _from_dict(cls, tree)
+    if isinstance(config, RunConfig):
+        config = config.with_model_defaults()
     config.validate()
     return config
 

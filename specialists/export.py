@@ -14,8 +14,10 @@ Each model is exported on ENCODED inputs, as its `forward` takes them: (x,) floa
 of shape (N, *input_shape) for mlp and cnn (the feature normalisation is inside the
 model), (ids, offsets) int64 for fasttext, the flat hashed n-gram ids of N texts and
 each text's start in them (torch.nn.EmbeddingBag's inputs; `model.encode(texts)`
-makes them, export.json's "input" holds the hashing settings). The batch (and the
-number of ids) is dynamic. `combine_numpy.load(DIR).run(inputs, models)` reproduces
+makes them, export.json's "input" holds the hashing settings: "encodings" one entry
+per way the models hash texts, the generalist's first, and each model's "encoding"
+its index, for specialists that read character grams beside the generalist's words).
+The batch (and the number of ids) is dynamic. `combine_numpy.load(DIR).run(inputs, models)` reproduces
 `specialists.load(RUN_DIR).predict_proba` (tests: within 1e-5).
 
 ONNX uses torch.onnx.export's default exporter (torch.export based), which needs the
@@ -61,7 +63,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     use_specialists): the combination the export reproduces.
     """
     from .ensemble import SpecialistsModel
-    from .models import encoding_key
 
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} must be one of {sorted(FORMATS)}")
@@ -73,29 +74,25 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
                 raise ExportError(f"ONNX export needs the {package!r} package: pip install 'specialists[export]' "
                                   "(or use --format torchscript)") from None
     model = SpecialistsModel(run_dir, "cpu", **options)
-    reads = {encoding_key(m) for m, _ in model.specialists} - {None, encoding_key(model.generalist)}
-    if reads:
-        raise ExportError(f"{model.run.root}: its specialists hash other n-grams than the generalist "
-                          "(specialists.ngrams / char_ngrams), and the exported combiner takes one encoding of the "
-                          "inputs; serve it with specialists.load (export_run(..., use_specialists=False) exports "
-                          "its full models alone)")
     out = Path(out) if out is not None else model.run.root / f"export-{format}"
     _check_out(out)
     example = _example_inputs(model.generalist)
     names = ["ids", "offsets"] if model.input_kind == "text" else ["x"]
+    encoders, reads = _encoders(model)
     suffix = FORMATS[format]
     full_files = ["generalist" + suffix] + [f"peer_{k}{suffix}" for k in range(1, len(model.full_models))]
     spec = {
         "format": format,
         "run": str(model.run.root),
         "classes": list(model.classes),
-        "input": _input_spec(model.generalist, names),
+        "input": _input_spec(model.generalist, names, encoders),
         "output": "logits",
-        "full_models": [{"file": f} for f in full_files],
+        "full_models": [{"file": f, "encoding": e} for f, e in zip(full_files, reads)],
         "specialists": [{"file": f"specialist_{m}{suffix}", "id": info.get("id", m), "classes": list(info["classes"]),
-                         "dustbin_correction": correction}
-                        for m, ((_, info), correction) in enumerate(zip(model.specialists,
-                                                                         model.dustbin_corrections()))],
+                         "dustbin_correction": correction, "encoding": e}
+                        for m, ((_, info), correction, e) in enumerate(zip(model.specialists,
+                                                                            model.dustbin_corrections(),
+                                                                            reads[len(full_files):]))],
         "combine": {"top_n": model.top_n, "specialist_weight": model.specialist_weight, "dustbin": model.dustbin},
     }
     models = list(zip(full_files, model.full_models)) + [(s["file"], m) for s, (m, _) in
@@ -118,12 +115,27 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     return out
 
 
-def _input_spec(generalist: torch.nn.Module, names: list[str]) -> dict:
+def _encoders(model) -> tuple[list[torch.nn.Module], list[int]]:
+    """One model for each way the run's models encode raw inputs, the generalist's first, and the index of
+    each full model's, then each specialist's, encoding in that list."""
+    from .models import encoding_key
+
+    encoders, keys, reads = [model.generalist], [encoding_key(model.generalist)], []
+    for net in list(model.full_models) + [m for m, _ in model.specialists]:
+        key = encoding_key(net)
+        if key is not None and key not in keys:  # None: reads its generalist's encoding
+            encoders.append(net)
+            keys.append(key)
+        reads.append(keys.index(key) if key is not None else 0)
+    return encoders, reads
+
+
+def _input_spec(generalist: torch.nn.Module, names: list[str], encoders: list[torch.nn.Module]) -> dict:
     if generalist.input_kind == "text":
-        return {"kind": "text", "names": names, "dtypes": ["int64", "int64"],
-                "encoding": {"buckets": generalist.buckets, "ngrams": generalist.ngrams,
-                             "char_ngrams": generalist.char_ngrams, "tokenizer": generalist.tokenizer,
-                             "function": "specialists.models.hash_ngrams"}}
+        encodings = [{"buckets": m.buckets, "ngrams": m.ngrams, "char_ngrams": m.char_ngrams,
+                      "tokenizer": m.tokenizer, "function": "specialists.models.hash_ngrams"} for m in encoders]
+        return {"kind": "text", "names": names, "dtypes": ["int64", "int64"], "encoding": encodings[0],
+                "encodings": encodings}
     return {"kind": generalist.input_kind, "names": names, "dtypes": ["float32"],
             "shape": ["N", *generalist.input_shape]}
 
@@ -159,8 +171,12 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"--out {out} holds files and is not an earlier export; pick a new or empty folder")
 
 
-def encoded_inputs(model, inputs) -> tuple[np.ndarray, ...]:
-    """The encoded numpy inputs of the exported models for raw `inputs` (texts or arrays), via the
-    run's generalist's `encode`: what `combine_numpy.Combiner.run` takes."""
-    encoded = model.generalist.encode(inputs)
-    return tuple(t.numpy() for t in encoded.batch(np.arange(len(encoded)), torch.device("cpu")))
+def encoded_inputs(model, inputs) -> tuple[np.ndarray, ...] | list[tuple[np.ndarray, ...]]:
+    """The encoded numpy inputs of the exported models for raw `inputs` (texts or arrays): what
+    `combine_numpy.Combiner.run` takes. One tuple, or a list of one per encoding (export.json's
+    input.encodings) where specialists hash other n-grams than the generalist."""
+    encoded = []
+    for encoder in _encoders(model)[0]:
+        batch = encoder.encode(inputs)
+        encoded.append(tuple(t.numpy() for t in batch.batch(np.arange(len(batch)), torch.device("cpu"))))
+    return encoded[0] if len(encoded) == 1 else encoded

@@ -22,8 +22,9 @@ def test_every_shipped_config_loads(path):
 
 def test_the_chars_config_is_the_default_with_character_ngrams():
     chars = load_config("configs/banking77_chars.yaml", [])
-    assert chars.model.char_ngrams == 3
-    assert dataclasses.replace(chars, model=dataclasses.replace(chars.model, char_ngrams=0)) == load_config(None, [])
+    assert chars.model.char_ngrams == 3 and chars.specialists.init == "generalist"
+    default = load_config(None, ["model.char_ngrams=3", "specialists.init=generalist"])
+    assert chars == default
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -64,7 +65,6 @@ def test_dumped_config_round_trips(tmp_path):
     ("specialists.init=random", "specialists.init='random'"),
     ("specialists.ngrams=-1", "specialists.ngrams=-1"),
     ("specialists.char_ngrams=9", "specialists.char_ngrams=9"),
-    ("specialists.char_ngrams=3", "specialists.char_ngrams=3"),  # the default init=generalist reads its features
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -75,8 +75,30 @@ def test_bad_values_name_key_and_value(override, fragment):
 def test_specialists_hashing_needs_fasttext_and_a_scratch_start():
     with pytest.raises(ConfigError, match=r"specialists.ngrams=1: needs model.name=fasttext"):
         load_config("configs/synthetic.yaml", ["specialists.init=scratch", "specialists.ngrams=1"])
-    cfg = load_config(None, ["specialists.init=scratch", "specialists.char_ngrams=3"])
-    assert cfg.specialists.hashing() == {"char_ngrams": 3} and RunConfig().specialists.hashing() == {}
+    with pytest.raises(ConfigError, match=r"specialists.char_ngrams=3: needs model.name=fasttext"):
+        load_config("configs/synthetic.yaml", ["specialists.char_ngrams=3"])  # auto: generalist for an mlp
+    with pytest.raises(ConfigError, match=r"specialists.char_ngrams=3: needs .*specialists.init=scratch"):
+        load_config(None, ["specialists.init=generalist", "specialists.char_ngrams=3"])  # must read its features
+    cfg = load_config(None, ["specialists.init=scratch", "specialists.char_ngrams=4"])
+    assert cfg.specialists.hashing() == {"char_ngrams": 4} and RunConfig().specialists.hashing() == {}
+    assert load_config(None, ["specialists.init=scratch"]).specialists.hashing() == {}  # the model's own grams
+
+
+@pytest.mark.parametrize("path, overrides, init, char_ngrams", [
+    (None, [], "scratch", 3),  # fasttext: fresh specialists on character 1..3-grams beside the words
+    (None, ["specialists.char_ngrams=5"], "scratch", 5),  # the grams a user sets are kept
+    (None, ["specialists.char_ngrams=0"], "scratch", 0),  # none
+    (None, ["specialists.init=generalist"], "generalist", -1),  # the paper's start, the generalist's features
+    ("configs/synthetic.yaml", [], "generalist", -1),  # other models: the paper's start
+    ("configs/mnist.yaml", [], "generalist", -1),
+])
+def test_specialists_init_auto_is_made_concrete_for_the_model(path, overrides, init, char_ngrams, tmp_path):
+    cfg = load_config(path, overrides)
+    assert (cfg.specialists.init, cfg.specialists.char_ngrams) == (init, char_ngrams)
+    # the run directory's config.yaml holds the concrete start, so a run reloads as it was trained
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    assert "init: auto" not in saved.read_text() and load_config(saved) == cfg
 
 
 def test_unknown_key_in_yaml_is_named(tmp_path):

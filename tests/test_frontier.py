@@ -1,4 +1,7 @@
-from jobs.frontier import chosen_method, summarise
+import pytest
+
+from jobs.frontier import VARIANTS, chosen_method, default_variants, summarise
+from specialists.config import load_config
 from specialists.report.document import render_md
 
 
@@ -34,3 +37,17 @@ def test_a_validation_tie_goes_to_the_method_with_fewer_full_models():
     assert chosen_method(row) == "specialists"
     row["hybrid"] = record(89, 380, full_models=2)
     assert chosen_method(row) == "hybrid"
+
+
+@pytest.mark.parametrize("path, expected", [
+    (None, ["generalist", "scratch", "scratch_chars3"]),
+    ("configs/synthetic.yaml", ["generalist", "scratch"]),  # an mlp hashes nothing
+])
+def test_the_default_variants_are_the_papers_start_and_fresh_ones_each_a_valid_config(path, expected):
+    variants = default_variants(load_config(path))
+    assert variants == expected
+    starts = {v: load_config(path, VARIANTS[v]).specialists for v in variants}
+    assert (starts["generalist"].init, starts["generalist"].hashing()) == ("generalist", {})
+    assert (starts["scratch"].init, starts["scratch"].hashing()) == ("scratch", {})  # the generalist's grams
+    if "scratch_chars3" in starts:
+        assert starts["scratch_chars3"].hashing() == {"char_ngrams": 3}

@@ -272,6 +272,24 @@ def test_export_torchscript_reproduces_predict_proba(feature_run, text_run, tmp_
         check_export(run, folder, "torchscript")
 
 
+def test_an_export_whose_specialists_hash_character_grams_takes_one_encoding_each(text_run, tmp_path):
+    """The default fasttext specialists read character 1..3-grams beside the generalist's words."""
+    folder = export_run(text_run, tmp_path / "out", "torchscript", log=quiet)
+    spec = json.loads((folder / "export.json").read_text())
+    words, chars = spec["input"]["encodings"]
+    assert spec["input"]["encoding"] == words and (words["char_ngrams"], chars["char_ngrams"]) == (0, 3)
+    assert [f["encoding"] for f in spec["full_models"]] == [0]
+    assert {s["encoding"] for s in spec["specialists"]} == {1}
+    model = specialists.load(text_run, device="cpu")
+    inputs = split_of(text_run).inputs
+    per_encoding = encoded_inputs(model, inputs)
+    assert len(per_encoding) == 2
+    with pytest.raises(ValueError, match="read 2 encodings of the inputs"):
+        exported_proba(folder, per_encoding[0], "torchscript")  # the generalist's encoding alone
+    np.testing.assert_allclose(exported_proba(folder, per_encoding, "torchscript"), model.predict_proba(inputs),
+                               atol=1e-5)
+
+
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed: pip install 'specialists[export]'")
 def test_export_onnx_reproduces_predict_proba(feature_run, text_run, tmp_path):
     """An mlp, and fastText's EmbeddingBag inputs (ids, offsets) with dynamic batch and id counts, under onnxruntime."""
