@@ -214,12 +214,30 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.de
     log(f"ensemble: test accuracy {m['test_accuracy']:.4f} vs generalist {m['generalist_test_accuracy']:.4f} "
         f"({m['test_errors']} vs {m['generalist_test_errors']} errors, {100 * m['error_reduction']:+.1f}% fewer); "
         f"conditional {m['conditional_accuracy']:.4f} vs {m['generalist_conditional_accuracy']:.4f}")
+    m.update(validation_errors(model, dataset.val, batch))
+    if m["val_errors"] > m["generalist_val_errors"]:
+        log(f"warning: on validation the combination makes more errors than the generalist alone "
+            f"({m['val_errors']} against {m['generalist_val_errors']} of {len(dataset.val)}): its specialists "
+            f"(specialists.init={cfg.specialists.init}) do not help on this data; specialists started from the "
+            "generalist (specialists.init=generalist) need less data of their own, and a larger specialists.budget "
+            "trains them longer")
     if cfg.combine.generalists > 1:
         m["hybrid"] = evaluate_hybrid(SpecialistsModel(run.root, device), dataset, batch, run.read_metrics())
         h = m["hybrid"]
         log(f"hybrid: {h['mode']}: test accuracy {h['test_accuracy']:.4f} ({h['test_errors']} errors, "
             f"{100 * h['error_reduction']:+.1f}% fewer than the generalist), {h['examples_seen']:,} training examples")
     return m
+
+
+def validation_errors(model, val, batch: int) -> dict:
+    """Errors of the combination and of the generalist alone on the validation split (what a user can
+    compare without looking at test)."""
+    errors = general_errors = 0
+    for start, (general, combined) in zip(range(0, len(val), batch), model.iter_proba(val.inputs, batch)):
+        labels = val.labels[start:start + len(general)]
+        errors += int((combined.argmax(1) != labels).sum())
+        general_errors += int((general.argmax(1) != labels).sum())
+    return {"val_errors": errors, "generalist_val_errors": general_errors}
 
 
 def evaluate_hybrid(model, dataset: Dataset, batch: int, metrics: dict) -> dict:

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 import specialists
 from conftest import csv_overrides, tiny_config
@@ -282,3 +283,25 @@ def test_a_freed_large_block_goes_back_to_the_os():
     returned = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                     check=True).stdout)
     assert returned >= 7.5  # MiB given back when the block is freed
+
+
+def test_the_run_counts_validation_errors_and_warns_when_its_specialists_do_not_help(pinned_run, tmp_path):
+    """metrics.json's ensemble holds the combination's and the generalist's validation errors, and the run
+    warns, naming specialists.init, when its specialists make validation worse."""
+    _, dataset = dataset_for_run(pinned_run)
+    model = specialists.load(pinned_run.root, device="cpu")
+    ensemble = pinned_run.read_metrics()["ensemble"]
+    assert ensemble["val_errors"] == int((model.predict_proba(dataset.val.inputs).argmax(1) != dataset.val.labels).sum())
+    with torch.no_grad():
+        rows = np.arange(len(dataset.val))
+        logits = model.generalist(*model.generalist.encode(dataset.val.inputs).batch(rows, torch.device("cpu")))
+    assert ensemble["generalist_val_errors"] == int((logits.argmax(1).numpy() != dataset.val.labels).sum())
+    # specialists trusted 1,000 times over the generalist after one step at a learning rate that wrecks them
+    lines = []
+    fork = fork_run(pinned_run.root, tmp_path / "wrecked", ["specialists.lr=50", "specialists.epochs=1",
+                                                            "combine.specialist_weight=1000"])
+    run_pipeline(None, fork.root, resume=True, log=lines.append, progress=False)
+    wrecked = fork.read_metrics()["ensemble"]
+    assert wrecked["val_errors"] > wrecked["generalist_val_errors"]
+    assert any(line.startswith("warning: on validation the combination makes more errors") and
+               "specialists.init=generalist" in line for line in lines)
