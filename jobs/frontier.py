@@ -69,7 +69,8 @@ VARIANTS = {
     "linear": ["specialists.schedule=linear", "specialists.lr=0.02"],
     "widen2": ["specialists.widen=2"],  # specialists that differ more from the generalist: twice its hidden units
     "scratch": ["specialists.init=scratch", *WORDS],  # independent of the generalist: its network, fresh weights
-    "scratch_soft0": ["specialists.init=scratch", *WORDS, "specialists.soft_weight=0"],  # nor pulled towards its outputs
+    # nor pulled towards its outputs
+    "scratch_soft0": ["specialists.init=scratch", *WORDS, "specialists.soft_weight=0"],
     # fasttext: specialists that read character 1..3-grams beside the generalist's words, so they err differently
     "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3"],
 }

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .choices import (  # the one list of each choice; choices.py imports nothing
+    AUTO,
     CLUSTER_SIGNALS,
     DATA_KINDS,
     DEVICES,
@@ -31,7 +32,6 @@ from .choices import (  # the one list of each choice; choices.py imports nothin
     NORMALIZATIONS,
     OPTIMIZERS,
     SCHEDULES,
-    AUTO,
     SPECIALIST_INITS,
     USER_MODELS,
 )

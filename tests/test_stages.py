@@ -291,7 +291,8 @@ def test_the_run_counts_validation_errors_and_warns_when_its_specialists_do_not_
     _, dataset = dataset_for_run(pinned_run)
     model = specialists.load(pinned_run.root, device="cpu")
     ensemble = pinned_run.read_metrics()["ensemble"]
-    assert ensemble["val_errors"] == int((model.predict_proba(dataset.val.inputs).argmax(1) != dataset.val.labels).sum())
+    combined = model.predict_proba(dataset.val.inputs).argmax(1)
+    assert ensemble["val_errors"] == int((combined != dataset.val.labels).sum())
     with torch.no_grad():
         rows = np.arange(len(dataset.val))
         logits = model.generalist(*model.generalist.encode(dataset.val.inputs).batch(rows, torch.device("cpu")))
