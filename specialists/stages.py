@@ -216,11 +216,12 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.de
         f"conditional {m['conditional_accuracy']:.4f} vs {m['generalist_conditional_accuracy']:.4f}")
     m.update(validation_errors(model, dataset.val, batch))
     if m["val_errors"] > m["generalist_val_errors"]:
+        start = ("; specialists started from the generalist (specialists.init=generalist) need less data of their "
+                 "own" if cfg.specialists.init == "scratch" else "")
         log(f"warning: on validation the combination makes more errors than the generalist alone "
             f"({m['val_errors']} against {m['generalist_val_errors']} of {len(dataset.val)}): its specialists "
-            f"(specialists.init={cfg.specialists.init}) do not help on this data; specialists started from the "
-            "generalist (specialists.init=generalist) need less data of their own, and a larger specialists.budget "
-            "trains them longer")
+            f"(specialists.init={cfg.specialists.init}) do not help on this data{start}, and a larger "
+            "specialists.budget trains them longer")
     if cfg.combine.generalists > 1:
         m["hybrid"] = evaluate_hybrid(SpecialistsModel(run.root, device), dataset, batch, run.read_metrics())
         h = m["hybrid"]
