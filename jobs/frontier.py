@@ -45,7 +45,9 @@ import numpy as np
 import torch
 
 from specialists.config import load_config
-from specialists.ensemble import SpecialistsModel, combine_outputs
+from specialists.combination_choice import CHOOSE_SPECIALIST_WEIGHTS, CHOOSE_TOP_N, candidate_settings
+from specialists.combine import combine_outputs
+from specialists.ensemble import SpecialistsModel
 from specialists.evaluation import fit_temperature, temper
 from specialists.generalist import fit_generalist
 from specialists.models import load_checkpoint, save_checkpoint
@@ -73,9 +75,9 @@ VARIANTS = {
     "scratch_soft0": ["specialists.init=scratch", *WORDS, "specialists.soft_weight=0"],
     # fasttext: specialists that read character 1..3-grams beside the generalist's words, so they err differently
     "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3"],
+    # the same with half the embedding: cheaper a step, weaker an example (README, the frontier)
+    "scratch_chars3_d64": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.embed_dim=64"],
 }
-TOP_N = (1, 2, 3)
-SPECIALIST_WEIGHTS = (1.0, 2.0, 4.0, 8.0)
 SPLITS = ("val", "test")
 
 
@@ -168,7 +170,7 @@ class Seed:
                 timed_stage(run, "specialists", lambda: train_specialists(cfg, self.dataset, run, self.device,
                                                                             log=quiet, progress=False),
                             "specialists")
-            model = SpecialistsModel(run.root, self.device, generalists=1)
+            model = SpecialistsModel(run.root, self.device, generalists=1, use_specialists=True)
             arrays = {}
             for split in SPLITS:
                 _, special = model.outputs(getattr(self.dataset, split).inputs, self.cfg.train.eval_batch_size)
@@ -203,20 +205,22 @@ def full_models(seed: Seed, members: list[dict], tempered: bool) -> dict[str, to
             for split in SPLITS}
 
 
-def best_combination(seed: Seed, members: list[dict], specialists: list[dict], choose: bool = True) -> dict:
+def best_combination(seed: Seed, members: list[dict], specialists: list[dict], as_run: bool = False) -> dict:
     """The setting with the fewest validation errors among: tempered or not, each specialists run
-    (training variant), top_n and specialist_weight; its validation and test errors. choose=False: the
-    config's combine settings, untempered (what `specialists run` reports)."""
+    (training variant), top_n and specialist_weight; its validation and test errors. as_run: what
+    `specialists run` serves (combination_choice.py): untempered, its candidate settings, and the full
+    models alone unless a combination makes strictly fewer validation errors."""
     candidates = []
-    for tempered in (False, True) if choose else (False,):
+    for tempered in (False,) if as_run else (False, True):
         full = full_models(seed, members, tempered)
-        for spec in specialists or [None]:
+        for spec in specialists + [None] if as_run else specialists or [None]:
             if spec is None:
                 settings = [(None, None)]
-            elif not choose:
-                settings = [(seed.cfg.combine.top_n, seed.cfg.combine.specialist_weight)]
+            elif as_run:
+                settings = candidate_settings(seed.cfg.combine, seed.dataset.n_classes)
             else:
-                settings = [(n, w) for n in TOP_N for w in SPECIALIST_WEIGHTS if n <= seed.dataset.n_classes]
+                settings = [(n, w) for n in CHOOSE_TOP_N for w in CHOOSE_SPECIALIST_WEIGHTS
+                            if n <= seed.dataset.n_classes]
             classes = [torch.tensor(c) for c in spec["classes"]] if spec else []
             for top_n, weight in settings:
                 def combined(split, full=full, spec=spec, classes=classes, top_n=top_n, weight=weight):
@@ -243,7 +247,7 @@ def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=pri
     for budget in budgets:
         row = {"peer": best_combination(seed, seed.peers(budget), [])}
         row["specialists"] = best_combination(seed, [], [seed.specialists(budget, v) for v in variants])
-        row["specialists_fixed"] = best_combination(seed, [], [seed.specialists(budget, "default")], choose=False)
+        row["specialists_fixed"] = best_combination(seed, [], [seed.specialists(budget, "default")], as_run=True)
         hybrids = []
         for spec_budget in (b for b in budgets if b < budget):
             members = seed.peers(budget - spec_budget)
@@ -265,7 +269,8 @@ def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=pri
 
 METHODS = (("peer", "(a) peer ensemble"), ("specialists", "(b) generalist + specialists"),
            ("hybrid", "(c) hybrid"),
-           ("specialists_fixed", "(b) with the config's combine settings, as `specialists run` reports it"))
+           ("specialists_fixed", "(b) as `specialists run` serves it: the config's training, combine settings "
+                                 "chosen on validation"))
 
 
 METHOD_NAMES = {"specialists": "(b)", "hybrid": "(c)"}

@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 
 
 def load(run_dir, device="auto", **options):
-    """Load a run directory for prediction (options: top_n, dustbin, use_specialists, trust_factory);
-    see `specialists.ensemble.load`."""
+    """Load a run directory for prediction (options: top_n, dustbin, specialist_weight, use_specialists,
+    generalists, trust_factory; those not given are the run's choice on validation, combination.json); see
+    `specialists.ensemble.load`."""
     from .ensemble import load as _load  # keep `import specialists` light: torch loads on first use
 
     return _load(run_dir, device, **options)

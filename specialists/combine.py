@@ -163,6 +163,36 @@ def solve_rows(
     return _solve_arithmetic(problem, tol, max_iter)
 
 
+def full_model_terms(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full models' part of the objective, as `general_probs, general_weights` of `combine`.
+
+    full: (G, N, C) probabilities of the generalist and peer members 1..G-1.
+    G = 1: the generalist's (N, C) and no weights (today's combination, exactly);
+    G > 1: all G with weight 1/G each, one term of weight 1 on their mean.
+    """
+    if len(full) == 1:
+        return full[0], None
+    return full, torch.full((len(full),), 1 / len(full), dtype=full.dtype, device=full.device)
+
+
+def combine_outputs(full: torch.Tensor, specialist_probs, specialist_classes, top_n: int,
+                    specialist_weight: float) -> torch.Tensor:
+    """(N, C) combined probabilities from dense outputs, as `SpecialistsModel.predict_proba` gives them.
+
+    full: (G, N, C) full models' probabilities; specialist_probs[m]: (N, k_m + 1)
+    specialist m's dustbin-corrected probabilities on every row (only its
+    active rows are read); specialist_classes[m]: (k_m,). For trying combine
+    settings on stored outputs (`SpecialistsModel.outputs`) without rerunning
+    the models.
+    """
+    if not len(specialist_probs):
+        return full.mean(0)
+    general, weights = full_model_terms(full)
+    active = active_specialists(general, specialist_classes, top_n, weights)  # (N, M)
+    spec_weights = torch.full((len(specialist_probs),), float(specialist_weight), dtype=full.dtype, device=full.device)
+    return solve(general, specialist_probs, specialist_classes, active, weights, spec_weights)
+
+
 def objective(
     q: Tensor,
     general_probs: Tensor,

@@ -314,6 +314,7 @@ class SpecialistsConfig:
     # (0 / -1: the model's): specialists that read other features make errors of their own (README, the frontier)
     ngrams: int = 0
     char_ngrams: int = -1
+    embed_dim: int = 0  # with init=scratch and fasttext: the specialists' embedding size (0: model.embed_dim)
     # Extra training compute of all specialists together, as a fraction of the generalist's examples_seen
     # (forward + backward passes), shared in proportion to their epoch sizes; early stopping still applies.
     # 0: no budget (specialists.epochs and early stopping decide). 0.5: chosen on Banking77 validation errors
@@ -325,6 +326,11 @@ class SpecialistsConfig:
         """The fasttext settings a specialist reads instead of the generalist's (empty: the same)."""
         return {**({"ngrams": self.ngrams} if self.ngrams else {}),
                 **({"char_ngrams": self.char_ngrams} if self.char_ngrams >= 0 else {})}
+
+    def fresh_network(self) -> dict:
+        """The fasttext settings a specialist started afresh takes instead of the generalist's: its hashing,
+        and its embedding size (empty: the same)."""
+        return {**self.hashing(), **({"embed_dim": self.embed_dim} if self.embed_dim else {})}
 
     def validate(self, prefix: str = "specialists") -> None:
         require(0 < self.special_fraction < 1, f"{prefix}.special_fraction", self.special_fraction,
@@ -343,6 +349,8 @@ class SpecialistsConfig:
         require(self.ngrams >= 0, f"{prefix}.ngrams", self.ngrams, "must be >= 0 (0 = model.ngrams)")
         require(-1 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
                  "must be in [-1, 8] (-1 = model.char_ngrams, 0 = none)")
+        require(0 <= self.embed_dim <= MAX_WIDTH, f"{prefix}.embed_dim", self.embed_dim,
+                f"must be in [0, {MAX_WIDTH}] (0 = model.embed_dim)")
         require(self.schedule in ("", *SCHEDULES), f"{prefix}.schedule", self.schedule,
                  f"must be one of {SCHEDULES}, or empty for train.schedule")
         require(self.budget >= 0, f"{prefix}.budget", self.budget,
@@ -391,6 +399,10 @@ class CombineConfig:
     # full models in the combination: the generalist and peer members 1..generalists-1 (the peer stage trains
     # them on the generalist's schedule, and matches the peer ensemble's budget to the hybrid's compute)
     generalists: int = 1
+    # true: the evaluate stage chooses top_n and specialist_weight on validation errors among
+    # combination_choice's grid and these values, or the full models alone where no setting has fewer errors;
+    # false: these values, served as they are
+    choose: bool = True
 
     def validate(self, prefix: str = "combine") -> None:
         require(self.top_n >= 1, f"{prefix}.top_n", self.top_n, "must be >= 1")
@@ -464,7 +476,7 @@ class RunConfig:
         require(self.specialists.init == "generalist" or self.model.name not in USER_MODELS, "specialists.init",
                  self.specialists.init, f"must be generalist with model.name={self.model.name}: a model you bring is "
                  "initialised by its own weights")
-        for key, value in self.specialists.hashing().items():
+        for key, value in self.specialists.fresh_network().items():
             require(self.model.name == "fasttext" and self.specialists.init == "scratch", f"specialists.{key}", value,
                     "needs model.name=fasttext and specialists.init=scratch: a specialist started from the "
                     "generalist's weights must read its features")

@@ -17,6 +17,7 @@ specialists; G=1 is the combination above exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Mapping, Set
 from pathlib import Path
@@ -25,43 +26,14 @@ import numpy as np
 import torch
 
 from .choices import DUSTBIN_MODES
-from .combine import active_specialists, solve, solve_rows
+from .combination_choice import read_choice
+from .combine import active_specialists, full_model_terms, solve_rows
 from .config import CombineConfig, load_config
 from .models import encoding_key, load_checkpoint, resolve_device, torch_threads
 from .rundir import RunDir, RunDirError
 from .dustbin import dustbin_corrected
 from .specialist import SPECIALIST_FILE, file_sha256, load_specialist
 
-
-
-def full_model_terms(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The full models' part of the objective, as `general_probs, general_weights` of `combine`.
-
-    full: (G, N, C) probabilities of the generalist and peer members 1..G-1.
-    G = 1: the generalist's (N, C) and no weights (today's combination, exactly);
-    G > 1: all G with weight 1/G each, one term of weight 1 on their mean.
-    """
-    if len(full) == 1:
-        return full[0], None
-    return full, torch.full((len(full),), 1 / len(full), dtype=full.dtype, device=full.device)
-
-
-def combine_outputs(full: torch.Tensor, specialist_probs, specialist_classes, top_n: int,
-                    specialist_weight: float) -> torch.Tensor:
-    """(N, C) combined probabilities from dense outputs, as `SpecialistsModel.predict_proba` gives them.
-
-    full: (G, N, C) full models' probabilities; specialist_probs[m]: (N, k_m + 1)
-    specialist m's dustbin-corrected probabilities on every row (only its
-    active rows are read); specialist_classes[m]: (k_m,). For trying combine
-    settings on stored outputs (`SpecialistsModel.outputs`) without rerunning
-    the models.
-    """
-    if not len(specialist_probs):
-        return full.mean(0)
-    general, weights = full_model_terms(full)
-    active = active_specialists(general, specialist_classes, top_n, weights)  # (N, M)
-    spec_weights = torch.full((len(specialist_probs),), float(specialist_weight), dtype=full.dtype, device=full.device)
-    return solve(general, specialist_probs, specialist_classes, active, weights, spec_weights)
 
 
 class Encodings:
@@ -97,8 +69,10 @@ class SpecialistsModel:
     list gives (0, C) for every kind of run; a dict or a set (no row order)
     raises TypeError.
 
-    Options left as None take the run's `combine` config section (the values
-    its evaluate stage measured), else the defaults of `CombineConfig`:
+    Options left as None take the run's choice on its validation split
+    (combination.json, see combination_choice.py) where its evaluate stage
+    made one for this many full models, else its `combine` config section,
+    else the defaults of `CombineConfig`:
     top_n: how many of the generalist's top classes activate specialists (paper: 1).
     dustbin: which dustbin-logit correction to apply to specialist outputs:
         "active" (the prior of the examples a specialist sees when gated by the
@@ -106,12 +80,13 @@ class SpecialistsModel:
         training split's prior), or "none".
     specialist_weight: weight of each active specialist's KL term; the full models' together is 1.
     generalists: how many full models (the generalist, then peer members 1, 2, ...) the combination uses.
-    use_specialists: False gives the full models (their mean) alone.
+    use_specialists: False gives the full models (their mean) alone; a run whose specialists made more
+        validation errors than its full models alone chose False.
     """
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "auto", top_n: int | None = None,
-                 dustbin: str | None = None, specialist_weight: float | None = None, use_specialists: bool = True,
-                 generalists: int | None = None):
+                 dustbin: str | None = None, specialist_weight: float | None = None,
+                 use_specialists: bool | None = None, generalists: int | None = None):
         self.run = RunDir(run_dir)
         # a `specialists distill` output: one model (student/), served as a run without specialists
         self.student_of = _student_teacher(self.run.root)
@@ -119,19 +94,24 @@ class SpecialistsModel:
         self.run.require(self.run.classes, model_dir / "model.json", what="generalist")
         saved = (load_config(self.run.config).combine if self.run.config.is_file() and self.student_of is None
                  else CombineConfig())
+        generalists = saved.generalists if generalists is None else generalists
+        if isinstance(generalists, bool) or not isinstance(generalists, int) or generalists < 1:
+            raise ValueError(f"generalists={generalists!r} must be an integer >= 1 (1 = the generalist alone)")
+        self.classes = self.run.read_classes()
+        chosen = read_choice(self.run, generalists, len(self.classes)) if self.student_of is None else None
+        if chosen:
+            saved = dataclasses.replace(saved, top_n=chosen["top_n"], specialist_weight=chosen["specialist_weight"])
         top_n_given = top_n is not None
         top_n = saved.top_n if top_n is None else top_n
         dustbin = saved.dustbin if dustbin is None else dustbin
         specialist_weight = saved.specialist_weight if specialist_weight is None else specialist_weight
-        generalists = saved.generalists if generalists is None else generalists
-        if isinstance(generalists, bool) or not isinstance(generalists, int) or generalists < 1:
-            raise ValueError(f"generalists={generalists!r} must be an integer >= 1 (1 = the generalist alone)")
+        if use_specialists is None:
+            use_specialists = chosen["use_specialists"] if chosen else True
         if dustbin not in DUSTBIN_MODES:
             raise ValueError(f"dustbin={dustbin!r} must be one of {DUSTBIN_MODES}")
         if not specialist_weight > 0:
             raise ValueError(f"specialist_weight={specialist_weight} must be > 0")
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.classes = self.run.read_classes()
         if not top_n_given:  # the run's setting (or the default) may exceed a data set's few classes
             top_n = min(top_n, len(self.classes))
         if not 1 <= top_n <= len(self.classes):
@@ -172,6 +152,11 @@ class SpecialistsModel:
         if model.head.out_features != len(self.classes):
             raise RunDirError(f"{folder} predicts {model.head.out_features} classes but the run has {len(self.classes)}")
         return model
+
+    @property
+    def specialist_classes(self) -> list[torch.Tensor]:
+        """Per specialist, (k_m,) the classes of its outputs 0..k_m - 1 (output k_m is its dustbin)."""
+        return self._classes_t
 
     @property
     def generalists(self) -> int:
@@ -282,27 +267,35 @@ class SpecialistsModel:
 
         return batches()
 
-    @torch.no_grad()
     def outputs(self, inputs, batch_size: int = 1024) -> tuple[np.ndarray, list[np.ndarray]]:
         """Every model on every input: (G, N, C) float32 probabilities of the full models and, per
         specialist, (N, k + 1) float32 dustbin-corrected ones (as the combination reads them). With
-        `combine_outputs` they give `predict_proba` for any top_n / specialist_weight."""
+        `combine.combine_outputs` they give `predict_proba` for any top_n / specialist_weight."""
+        full: list[np.ndarray] = []
+        special: list[list[np.ndarray]] = [[] for _ in self.specialists]
+        for batch_full, batch_special in self.iter_outputs(inputs, batch_size):
+            full.append(batch_full.float().cpu().numpy())
+            for out, probs in zip(special, batch_special):
+                out.append(probs.float().cpu().numpy())
+        width = [len(info["classes"]) + 1 for _, info in self.specialists]
+        full_probs = (np.concatenate(full, axis=1) if full
+                      else np.zeros((len(self.full_models), 0, len(self.classes)), np.float32))
+        return full_probs, [np.concatenate(o) if o else np.zeros((0, w), np.float32) for o, w in zip(special, width)]
+
+    @torch.no_grad()
+    def iter_outputs(self, inputs, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """`outputs` a batch at a time, in float64 as the combination computes: (G, B, C) and, per
+        specialist, (B, k + 1) on every row of the batch, active or not."""
         inputs = self._as_batch(inputs)
         encoded = self._encode(inputs)
-        full = [[] for _ in self.full_models]
-        special = [[] for _ in self.specialists]
         for start in range(0, len(encoded), batch_size):
             index = np.arange(start, min(start + batch_size, len(encoded)))
-            for out, model in zip(full, self.full_models):
-                out.append(torch.softmax(model(*encoded.batch(model, index, self.device)).double(), dim=1)
-                           .float().cpu().numpy())
-            for out, (model, info) in zip(special, self.specialists):
-                logits = dustbin_corrected(model(*encoded.batch(model, index, self.device)).double(),
-                                           self._correction(info))
-                out.append(torch.softmax(logits, dim=1).float().cpu().numpy())
-        width = [len(info["classes"]) + 1 for _, info in self.specialists]
-        full_probs = np.stack([np.concatenate(o) if o else np.zeros((0, len(self.classes)), np.float32) for o in full])
-        return full_probs, [np.concatenate(o) if o else np.zeros((0, w), np.float32) for o, w in zip(special, width)]
+            full = torch.stack([torch.softmax(model(*encoded.batch(model, index, self.device)).double(), dim=1)
+                                for model in self.full_models])
+            special = [torch.softmax(dustbin_corrected(model(*encoded.batch(model, index, self.device)).double(),
+                                                       self._correction(info)), dim=1)
+                       for model, info in self.specialists]
+            yield full, special
 
     def predict(self, inputs, batch_size: int = 1024) -> np.ndarray:
         """(N,) class names."""
@@ -382,7 +375,7 @@ def top_classes(proba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def load(run_dir: str | Path, device: str | torch.device = "auto", trust_factory: str | None = None,
          **options) -> SpecialistsModel:
     """Load a run directory for prediction; options: top_n, dustbin, specialist_weight, use_specialists,
-    generalists (full models: the generalist and peer members 1..generalists-1).
+    generalists (full models: the generalist and peer members 1..generalists-1); see SpecialistsModel.
 
     trust_factory: a run of a model you brought (model.name=torch) is rebuilt by
     calling its factory, code its model.json names; pass that "module:callable"

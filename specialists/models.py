@@ -153,8 +153,17 @@ def hash_ngrams(text: str, buckets: int, ngrams: int, char_ngrams: int = 0, toke
     """
     words = tokenize(text, tokenizer)
     grams = [" ".join(words[i:i + n]) for n in range(1, ngrams + 1) for i in range(len(words) - n + 1)]
-    grams += [" " + w[i:i + n] for w in words for n in range(1, char_ngrams + 1) for i in range(len(w) - n + 1)]
-    return np.array([zlib.crc32(g.encode()) % buckets for g in grams], dtype=np.int64)
+    ids = [zlib.crc32(g.encode()) % buckets for g in grams]
+    if char_ngrams:
+        ids += itertools.chain.from_iterable(_char_gram_ids(w, buckets, char_ngrams) for w in words)
+    return np.array(ids, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _char_gram_ids(word: str, buckets: int, char_ngrams: int) -> tuple[int, ...]:
+    # Cached: a corpus repeats its words, and a word's character grams are most of a text's hashing.
+    return tuple(zlib.crc32((" " + word[i:i + n]).encode()) % buckets
+                 for n in range(1, char_ngrams + 1) for i in range(len(word) - n + 1))
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +216,14 @@ class FastText(nn.Module):
                              for t in texts])
 
     def features(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.training and self.char_ngrams:
+            # Character grams repeat within and across a batch's texts ("e", " th"): bagging each distinct
+            # row once gives a sparse gradient of one row per distinct id, not one per occurrence, which
+            # SparseAdam would sort and sum. The same rows in the same order: the same outputs.
+            rows, ids = torch.unique(ids, return_inverse=True)
+            bag = nn.functional.embedding_bag(ids, nn.functional.embedding(rows, self.embedding.weight, sparse=True),
+                                              offsets, mode="mean")
+            return self.body(bag)
         return self.body(self.embedding(ids, offsets))
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -532,14 +549,15 @@ def encoding_key(model: nn.Module) -> tuple | None:
     return None
 
 
-def with_fresh_weights(model: nn.Module, **hashing) -> nn.Module:
+def with_fresh_weights(model: nn.Module, **settings) -> nn.Module:
     """The same network with the parameters its constructor draws (from torch's current seed).
 
     Buffers, which hold the input encoding (a feature standardisation fitted
     on the training data), are kept: only what training learns starts anew.
-    hashing: a fasttext model's `ngrams` / `char_ngrams` to read instead of its own.
+    settings: constructor settings to take instead of its own (a fasttext model's `ngrams`, `char_ngrams`,
+    `embed_dim`).
     """
-    fresh = create_model(model.spec["name"], **{**model.spec["kwargs"], **hashing})
+    fresh = create_model(model.spec["name"], **{**model.spec["kwargs"], **settings})
     params, kept = {name for name, _ in fresh.named_parameters()}, model.state_dict()
     fresh.load_state_dict({name: value if name in params else kept[name] for name, value in fresh.state_dict().items()})
     return fresh

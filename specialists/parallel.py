@@ -51,6 +51,7 @@ from .config import ConfigError, RayConfig, RunConfig
 from .data import Dataset
 from .models import load_checkpoint, read_only_arrays_shared
 from .rundir import RunDir, read_json
+from .runtime import set_malloc_thresholds
 from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, finished_specialist, model_from_arrays,
                          model_to_arrays, read_groups, save_specialist, specialist_dir, specialists_summary,
                          train_specialist)
@@ -364,6 +365,7 @@ def ray_session(cfg: RayConfig, log: Log = print) -> Iterator[dict]:
 def warm_worker() -> int:
     """A worker that runs it has imported this module (torch included) before the first specialist, and
     what torch imports lazily on a first optimizer (torch._dynamo: seconds of CPU in every new process)."""
+    set_malloc_thresholds()  # as in the driver: a worker trains as it does
     weight = torch.zeros(1, requires_grad=True)
     torch.optim.Adam([weight])
     torch.optim.SparseAdam([weight])
@@ -374,6 +376,7 @@ def warm_worker() -> int:
 def train_specialist_task(shared: dict, data: SpecialistData, cfg: RunConfig, threads: int) -> dict:
     """Train one specialist in a Ray worker from its own data; returns its weights (numpy), curve and metrics."""
     torch.set_num_threads(threads)
+    set_malloc_thresholds()
     m = data.plan.m
     use_gpu = cfg.ray.gpus_per_task > 0
     if use_gpu and not torch.cuda.is_available():

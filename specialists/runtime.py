@@ -23,12 +23,13 @@ from .rundir import RunDir, RunDirError
 
 Log = Callable[[str], None]
 
-LARGE_ALLOCATION = 4 << 20  # bytes: larger allocations get their own mapping (return_large_frees_to_os)
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+LARGE_ALLOCATION = 4 << 20  # bytes: larger allocations get their own mapping (set_malloc_thresholds)
+KEPT_FREE = 32 << 20  # bytes of freed smaller blocks glibc keeps for reuse (set_malloc_thresholds)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def setup_torch(cfg) -> torch.device:
-    """Apply `cfg.threads`, return freed large blocks to the OS, and resolve `cfg.device`
+    """Apply `cfg.threads`, set glibc's thresholds (set_malloc_thresholds), and resolve `cfg.device`
     (any config with those two fields).
 
     A config that names a user model's factory (model.factory) is the user's
@@ -37,21 +38,26 @@ def setup_torch(cfg) -> torch.device:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return_large_frees_to_os()
+    set_malloc_thresholds()
     factory = getattr(getattr(cfg, "model", None), "factory", "")
     if factory:
         trust_factory(factory)
     return resolve_device(cfg.device)
 
 
-def return_large_frees_to_os() -> None:
+def set_malloc_thresholds() -> None:
     """Have glibc map every allocation over LARGE_ALLOCATION on its own, so that freeing one returns
-    it to the OS at once. By default glibc raises that threshold as large blocks are freed and keeps
-    later ones in its heap, so a stage's (B, C) and (C, C) temporaries stay resident into the next
-    stages (README, Scale). A no-op where the C library has no mallopt."""
+    it to the OS at once, and keep up to KEPT_FREE of freed smaller blocks for reuse.
+
+    By default glibc raises its mapping threshold as large blocks are freed and keeps later ones in its
+    heap, so a stage's (B, C) and (C, C) temporaries stay resident into the next stages (README, Scale).
+    Setting that threshold fixes the trim threshold too, at 128 KiB unless set: the heap would then give
+    a training step's temporaries back and fault them in again every step.
+    A no-op where the C library has no mallopt."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+        libc.mallopt(_M_TRIM_THRESHOLD, KEPT_FREE)
     except (OSError, AttributeError):
         pass
 

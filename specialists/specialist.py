@@ -35,8 +35,8 @@ from .config import RunConfig
 from .data import Split
 from .distill import collapse_labels, distillation_loss
 from .dustbin import dustbin_correction, dustbin_corrected, soften_collapsed
-from .models import (CheckpointError, load_checkpoint, model_to_load, save_checkpoint, with_dustbin_head,
-                     with_fresh_weights)
+from .models import (CheckpointError, load_checkpoint, model_to_load, read_only_arrays_shared, save_checkpoint,
+                     with_dustbin_head, with_fresh_weights)
 from .rundir import RunDir, RunDirError, read_json, write_json
 from .specialist_data import SpecialistData, logits_by_batch, specialist_train_config
 from .train import TrainResult, predict_logits, seed_everything, train_model
@@ -95,7 +95,7 @@ def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cf
     seed_everything(plan.seed)  # the widened units' fresh weights, or all of them
     model = with_dustbin_head(generalist, classes, widen=s.widen)
     if s.init == "scratch":
-        model = with_fresh_weights(model, **s.hashing())
+        model = with_fresh_weights(model, **s.fresh_network())
     correction = dustbin_correction(plan.fraction, plan.natural_fraction)
     prior_shift = correction if s.dustbin_correction == "prior" else 0.0
     stored_correction = 0.0 if s.dustbin_correction == "none" else correction
@@ -340,7 +340,8 @@ def specialists_done(run: RunDir) -> bool:
 def model_from_arrays(spec: dict, state: dict[str, np.ndarray]) -> nn.Module:
     """Rebuild a model shipped as its spec and numpy weights (e.g. through Ray's object store)."""
     model = model_to_load(spec["name"], spec["kwargs"])
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    with read_only_arrays_shared():  # load_state_dict copies them into the model's own weights
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
     return model
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json
+from .combination_choice import candidate_settings, choose_combination, clear_choices, write_choice
 from .config import ConfigError, RunConfig, dump_config, load_config, parse_override, to_dict
 from .covariance import correlation_from_covariance, rows_per_batch
 from .data import Dataset, Split, check_run_fits_data, load_dataset, read_unlabeled_inputs
@@ -198,10 +199,16 @@ def cluster_classes(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch
 
 def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log) -> dict:
     """Test accuracy of generalist + specialists against the generalist alone, like Tables 3-4; with
-    combine.generalists=G > 1 also the hybrid of G full models + specialists (the section's `hybrid`)."""
+    combine.generalists=G > 1 also the hybrid of G full models + specialists (the section's `hybrid`).
+
+    First, with combine.choose, the settings the run serves are chosen on the validation split
+    (combination_choice.py). The test split is only reported: the comparison uses the chosen top_n and
+    specialist_weight, and `served` says whether the run serves that combination or, where it made more
+    validation errors than the generalist alone, the generalist."""
     from .ensemble import SpecialistsModel
 
-    model = SpecialistsModel(run.root, device, generalists=1)
+    choices = choose_combinations(cfg, dataset, run, device, log)
+    model = SpecialistsModel(run.root, device, generalists=1, use_specialists=True)
     labels, batch = dataset.test.labels, cfg.train.eval_batch_size
     # batch by batch: (batch, C) probabilities at a time, never the test split's (N, C)
     comparison = StreamedComparison([info["classes"] for _, info in model.specialists], dataset.n_classes)
@@ -215,19 +222,52 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.de
         f"({m['test_errors']} vs {m['generalist_test_errors']} errors, {100 * m['error_reduction']:+.1f}% fewer); "
         f"conditional {m['conditional_accuracy']:.4f} vs {m['generalist_conditional_accuracy']:.4f}")
     m.update(validation_errors(model, dataset.val, batch))
-    if m["val_errors"] > m["generalist_val_errors"]:
+    served = choices.get(1, {}).get("use_specialists", True)
+    m["served"] = "generalist + specialists" if served else "the generalist alone"
+    m["combine"] = {"top_n": model.top_n, "specialist_weight": model.specialist_weight,
+                    "chosen_on_validation": 1 in choices}
+    if (not served) if 1 in choices else m["val_errors"] > m["generalist_val_errors"]:
         start = ("; specialists started from the generalist (specialists.init=generalist) need less data of their "
                  "own" if cfg.specialists.init == "scratch" else "")
-        log(f"warning: on validation the combination makes more errors than the generalist alone "
+        serves = ("the run serves the generalist alone (combination.json; combine.choose=false combines anyway)"
+                  if not served else "the run combines them as combine.choose=false asks")
+        more = "more" if m["val_errors"] > m["generalist_val_errors"] else "no fewer"
+        log(f"warning: on validation the combination makes {more} errors than the generalist alone "
             f"({m['val_errors']} against {m['generalist_val_errors']} of {len(dataset.val)}): its specialists "
             f"(specialists.init={cfg.specialists.init}) do not help on this data{start}, and a larger "
-            "specialists.budget trains them longer")
+            f"specialists.budget trains them longer; {serves}")
     if cfg.combine.generalists > 1:
-        m["hybrid"] = evaluate_hybrid(SpecialistsModel(run.root, device), dataset, batch, run.read_metrics())
+        m["hybrid"] = evaluate_hybrid(SpecialistsModel(run.root, device, use_specialists=True), dataset, batch,
+                                      run.read_metrics())
         h = m["hybrid"]
         log(f"hybrid: {h['mode']}: test accuracy {h['test_accuracy']:.4f} ({h['test_errors']} errors, "
             f"{100 * h['error_reduction']:+.1f}% fewer than the generalist), {h['examples_seen']:,} training examples")
     return m
+
+
+def choose_combinations(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log) -> dict:
+    """{full models: choice} made on the validation split and written to combination.json, for the
+    combination of 1 full model and for combine.generalists; {} (and no file) with combine.choose=false."""
+    from .ensemble import SpecialistsModel
+
+    clear_choices(run)
+    if not cfg.combine.choose:
+        return {}
+    settings = candidate_settings(cfg.combine, dataset.n_classes)
+    choices = {}
+    for generalists in sorted({1, cfg.combine.generalists}):
+        model = SpecialistsModel(run.root, device, generalists=generalists, use_specialists=True)
+        if not model.specialists:
+            continue
+        choice = choose_combination(model, dataset.val.inputs, dataset.val.labels, settings,
+                                    cfg.train.eval_batch_size)
+        write_choice(run, generalists, choice)
+        choices[generalists] = choice
+        log(f"combine: chosen on {choice['val_examples']} validation examples for {generalists} full model(s): "
+            f"top_n={choice['top_n']}, specialist_weight={choice['specialist_weight']:g} "
+            f"({choice['val_errors']} errors; the full model(s) alone {choice['full_models_val_errors']})"
+            + ("" if choice["use_specialists"] else ": served without the specialists"))
+    return choices
 
 
 def validation_errors(model, val, batch: int) -> dict:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .sparse_adam import RowSparseAdam
 
 # loss_fn(logits (B, K), labels (B,), index (B,) positions in the training set) -> {"loss": scalar, ...parts}
 LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], dict]
@@ -126,6 +127,19 @@ def constrain_max_norm(model: nn.Module, max_norm: float) -> None:
             torch.renorm(module.weight, 2, 0, max_norm, out=module.weight)
 
 
+def _kept(state: dict, kept: dict | None) -> dict:
+    """A copy of `state`, written over `kept` where it holds one: a fastText table is 100 MB, and a
+    fresh copy every better epoch spends more on allocating it than on copying."""
+    if kept is None or kept.keys() != state.keys():
+        return copy.deepcopy(state)
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and kept[name].shape == value.shape:
+            kept[name].copy_(value)
+        else:
+            kept[name] = copy.deepcopy(value)
+    return kept
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizers:
     if cfg.optimizer == "sgd":  # SGD takes sparse gradients as they are
         return _Optimizers(torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -137,7 +151,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizers:
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     optimizers = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
     if sparse:
-        optimizers.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))
+        optimizers.append(RowSparseAdam(sparse, lr=cfg.lr))
     return _Optimizers(*optimizers)
 
 
@@ -221,7 +235,7 @@ def train_model(
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{val_accuracy:.4f}")
         if val_accuracy > best_accuracy:
             best_accuracy, best_epoch = val_accuracy, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _kept(model.state_dict(), best_state)
         elif cfg.patience and epoch - best_epoch >= cfg.patience:
             break
     bar.close()

@@ -232,7 +232,8 @@ def test_specialists_grow_on_a_users_torch_model(tmp_path, monkeypatch):
                "data.kind=npz", "data.path=data.npz", "model.name=torch", "model.factory=user_nets:build",
                "model.factory_args={n_features: 8, n_classes: 12}", "model.weights=gen.safetensors",
                "cluster.classes_per_cluster=4", "specialists.epochs=4", "train.epochs=4", "train.batch_size=64",
-               "peer.max_members=2", "ray.num_cpus=2", "threads=1"]
+               "peer.max_members=2", "ray.num_cpus=2", "threads=1",
+               "combine.choose=false"]  # served with its specialists, which this test is about
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -65,6 +65,7 @@ def test_dumped_config_round_trips(tmp_path):
     ("specialists.init=random", "specialists.init='random'"),
     ("specialists.ngrams=-1", "specialists.ngrams=-1"),
     ("specialists.char_ngrams=9", "specialists.char_ngrams=9"),
+    ("specialists.embed_dim=-1", "specialists.embed_dim=-1"),
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -82,6 +83,12 @@ def test_specialists_hashing_needs_fasttext_and_a_scratch_start():
     cfg = load_config(None, ["specialists.init=scratch", "specialists.char_ngrams=4"])
     assert cfg.specialists.hashing() == {"char_ngrams": 4} and RunConfig().specialists.hashing() == {}
     assert load_config(None, ["specialists.init=scratch"]).specialists.hashing() == {}  # the model's own grams
+    with pytest.raises(ConfigError, match=r"specialists.embed_dim=64: needs .*specialists.init=scratch"):
+        load_config(None, ["specialists.init=generalist", "specialists.embed_dim=64"])  # its weights' size
+    with pytest.raises(ConfigError, match=r"specialists.embed_dim=64: needs model.name=fasttext"):
+        load_config("configs/synthetic.yaml", ["specialists.init=scratch", "specialists.embed_dim=64"])
+    assert load_config(None, ["specialists.embed_dim=64"]).specialists.fresh_network() == {"char_ngrams": 3,
+                                                                                          "embed_dim": 64}
 
 
 @pytest.mark.parametrize("path, overrides, init, char_ngrams", [

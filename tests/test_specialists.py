@@ -20,7 +20,8 @@ import torch
 from conftest import csv_overrides, tiny_config, write_csv
 from jobs.procs import ray_processes_under
 from specialists.config import ConfigError, RayConfig, load_config
-from specialists.ensemble import SpecialistsModel, combine_outputs
+from specialists.combine import combine_outputs
+from specialists.ensemble import SpecialistsModel
 from specialists.models import create_model, load_checkpoint, with_dustbin_head, with_fresh_weights
 from specialists.parallel import ray_session, train_specialists
 from specialists.rundir import RunDir, RunDirError
@@ -243,15 +244,15 @@ def test_specialists_that_hash_character_grams_are_served_their_own_encoding(tmp
     train, test = write_csv(tmp_path / "train.csv", rows(20)), write_csv(tmp_path / "test.csv", rows(5))
     cfg = load_config(None, [*csv_overrides(train, test), "data.val_fraction=0.2", "cluster.n_clusters=2", ON,
                              "peer.enabled=false", "specialists.init=scratch", "specialists.char_ngrams=3",
-                             "specialists.budget=0", "specialists.epochs=3"])
+                             "specialists.budget=0", "specialists.epochs=3", "specialists.embed_dim=8"])
     run = run_pipeline(cfg, tmp_path / "run", **QUIET)
-    model = SpecialistsModel(run.root, "cpu")
+    model = SpecialistsModel(run.root, "cpu", use_specialists=True)
     texts = [r[0] for r in rows(2)]
     rows_all = np.arange(len(texts))
     full, special = model.outputs(texts)
     assert model.generalist.char_ngrams == 0 and len(special) == 2
     for (net, info), probs, correction in zip(model.specialists, special, model.dustbin_corrections()):
-        assert net.char_ngrams == 3
+        assert net.char_ngrams == 3 and net.embedding.embedding_dim == 8 < model.generalist.embedding.embedding_dim
         with torch.no_grad():
             own = net(*net.encode(texts).batch(rows_all, torch.device("cpu")))
             general = net(*model.generalist.encode(texts).batch(rows_all, torch.device("cpu")))

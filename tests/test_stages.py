@@ -15,7 +15,9 @@ import torch
 import specialists
 from conftest import csv_overrides, tiny_config
 from specialists.cli import main
+from specialists.combination_choice import candidate_settings
 from specialists.config import ConfigError, load_config
+from specialists.export import export_run
 from specialists.models import CheckpointError, load_checkpoint
 from specialists.rundir import RunDir, RunDirError, read_json
 from specialists.runtime import dataset_for_run
@@ -142,7 +144,7 @@ PINNED = [
     "model.name=mlp", "model.hidden=[16]", "model.dropout=0.0",
     "train.epochs=2", "train.batch_size=32", "train.lr=0.01", "threads=1",
     "cluster.classes_per_cluster=4", "specialists.epochs=2", "specialists.budget=0", "peer.max_members=3",
-    "ray.num_cpus=2",
+    "ray.num_cpus=2", "combine.choose=false",
 ]
 # Recorded from a run of PINNED with the code before issue 10's restructuring (pipeline.py, commit d4ff1e0):
 # what the stages compute must not change when the code that runs them moves.
@@ -260,9 +262,9 @@ def test_report_and_distill_commands_do_not_import_ray(pinned_run, tmp_path):
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
-                    reason="glibc's mallopt: elsewhere return_large_frees_to_os is a no-op")
+                    reason="glibc's mallopt: elsewhere set_malloc_thresholds is a no-op")
 def test_a_freed_large_block_goes_back_to_the_os():
-    """Every command calls return_large_frees_to_os, so one stage's large temporaries do not stay resident
+    """Every command calls set_malloc_thresholds, so one stage's large temporaries do not stay resident
     through the next. Without it glibc, having freed a 16 MiB block, serves 8 MiB from its heap and keeps it."""
     script = textwrap.dedent("""
         import os
@@ -270,8 +272,8 @@ def test_a_freed_large_block_goes_back_to_the_os():
         def rss():
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        from specialists.runtime import return_large_frees_to_os
-        return_large_frees_to_os()
+        from specialists.runtime import set_malloc_thresholds
+        set_malloc_thresholds()
         big = np.ones(16 << 20, np.uint8)
         del big  # glibc raises its mapping threshold past the next block's size
         block = np.ones(8 << 20, np.uint8)  # touched: resident
@@ -283,6 +285,29 @@ def test_a_freed_large_block_goes_back_to_the_os():
     returned = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                     check=True).stdout)
     assert returned >= 7.5  # MiB given back when the block is freed
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="glibc's mallopt: elsewhere set_malloc_thresholds is a no-op")
+def test_freed_small_blocks_stay_mapped_for_the_next_training_step():
+    """Below LARGE_ALLOCATION, freed blocks at the top of the heap are kept for reuse: a training step's
+    temporaries are not given back and faulted in again every step."""
+    script = textwrap.dedent("""
+        import os
+        import numpy as np
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        from specialists.runtime import set_malloc_thresholds
+        set_malloc_thresholds()
+        blocks = [np.ones(1 << 20, np.uint8) for _ in range(3)]  # 3 MiB at the top of the heap, touched
+        before = rss()
+        del blocks
+        print((before - rss()) / 2**20)
+    """)
+    returned = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert returned < 0.5  # MiB given back: none (glibc's fixed default would trim the 3 MiB)
 
 
 def test_the_run_counts_validation_errors_and_warns_when_its_specialists_do_not_help(pinned_run, tmp_path):
@@ -306,3 +331,75 @@ def test_the_run_counts_validation_errors_and_warns_when_its_specialists_do_not_
     assert wrecked["val_errors"] > wrecked["generalist_val_errors"]
     assert any(line.startswith("warning: on validation the combination makes more errors") and
                "specialists.init=generalist" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def chosen_run(pinned_run, tmp_path_factory):
+    """The pinned run with combine.choose=true: only its evaluate stage runs again."""
+    fork = fork_run(pinned_run.root, tmp_path_factory.mktemp("runs") / "chosen", ["combine.choose=true"])
+    run_pipeline(None, fork.root, resume=True, **QUIET)
+    return fork
+
+
+def _val_errors(model, split) -> int:
+    return int((model.predict_proba(split.inputs).argmax(1) != split.labels).sum())
+
+
+def test_the_run_chooses_top_n_and_specialist_weight_on_validation_and_serves_them(chosen_run):
+    _, dataset = dataset_for_run(chosen_run)
+    choice = read_json(chosen_run.root / "combination.json")["1"]
+    settings = candidate_settings(load_config(chosen_run.config).combine, dataset.n_classes)
+    errors = {(n, w): _val_errors(specialists.load(chosen_run.root, device="cpu", top_n=n, specialist_weight=w,
+                                                   use_specialists=True), dataset.val) for n, w in settings}
+    assert [c["val_errors"] for c in choice["candidates"]] == list(errors.values())  # what predict_proba makes
+    best = min(errors, key=errors.get)  # the first of the fewest: the config's own pair on a tie
+    alone = _val_errors(specialists.load(chosen_run.root, device="cpu", use_specialists=False), dataset.val)
+    assert (choice["top_n"], choice["specialist_weight"]) == best and len(set(errors.values())) > 1
+    assert choice["use_specialists"] == (errors[best] < alone) and choice["full_models_val_errors"] == alone
+    served = specialists.load(chosen_run.root, device="cpu")
+    assert (served.top_n, served.specialist_weight, served.use_specialists) == (*best, choice["use_specialists"])
+    assert specialists.load(chosen_run.root, device="cpu", top_n=2).top_n == 2  # an option given wins
+    ensemble = chosen_run.read_metrics()["ensemble"]
+    assert ensemble["combine"] == {"top_n": best[0], "specialist_weight": best[1], "chosen_on_validation": True}
+    assert ensemble["val_errors"] == errors[best]
+
+
+def test_a_run_whose_specialists_do_not_beat_the_generalist_on_validation_serves_it_alone(pinned_run, tmp_path):
+    lines = []
+    fork = fork_run(pinned_run.root, tmp_path / "wrecked", ["combine.choose=true", "specialists.lr=50",
+                                                            "specialists.epochs=1"])
+    run_pipeline(None, fork.root, resume=True, log=lines.append, progress=False)
+    choice = read_json(fork.root / "combination.json")["1"]
+    assert not choice["use_specialists"] and choice["val_errors"] == choice["full_models_val_errors"]
+    assert min(c["val_errors"] for c in choice["candidates"]) >= choice["full_models_val_errors"]
+    _, dataset = dataset_for_run(fork)
+    served = specialists.load(fork.root, device="cpu")
+    generalist = specialists.load(fork.root, device="cpu", use_specialists=False)
+    np.testing.assert_array_equal(served.predict_proba(dataset.val.inputs), generalist.predict_proba(dataset.val.inputs))
+    assert fork.read_metrics()["ensemble"]["served"] == "the generalist alone"
+    exported = export_run(fork.root, tmp_path / "export", "torchscript", log=lambda s: None)
+    assert read_json(exported / "export.json")["specialists"] == []  # an export serves what the run serves
+    assert any(line.startswith("warning: on validation the combination makes") and
+               "serves the generalist alone" in line for line in lines)
+
+
+def test_combine_choose_false_serves_the_configured_settings(pinned_run, chosen_run, tmp_path):
+    assert not (pinned_run.root / "combination.json").exists()  # PINNED sets combine.choose=false
+    assert specialists.load(pinned_run.root, device="cpu").top_n == 3
+    fork = fork_run(chosen_run.root, tmp_path / "unchosen", ["combine.choose=false"])
+    run_pipeline(None, fork.root, resume=True, **QUIET)
+    assert not (fork.root / "combination.json").exists()  # a choice made before is forgotten
+    assert fork.read_metrics()["ensemble"]["combine"]["chosen_on_validation"] is False
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"top_n": 0, "specialist_weight": 4.0, "use_specialists": True}, "top_n=0"),
+    ({"top_n": 1, "specialist_weight": "x", "use_specialists": True}, "specialist_weight='x'"),
+    ({"top_n": 1, "specialist_weight": 4.0, "use_specialists": "yes"}, "use_specialists='yes'"),
+])
+def test_a_damaged_combination_file_is_refused_naming_file_and_key(chosen_run, tmp_path, entry, fragment):
+    copy = tmp_path / "copy"
+    shutil.copytree(chosen_run.root, copy)
+    (copy / "combination.json").write_text(json.dumps({"1": entry}))
+    with pytest.raises(RunDirError, match=r"combination\.json.*" + fragment.replace("(", r"\(")):
+        specialists.load(copy, device="cpu")

@@ -14,6 +14,7 @@ def row_norms(model) -> list[float]:
 
 
 def train(max_norm: float, seen: list | None = None):
+    torch.manual_seed(0)  # the initial weights: torch's own seed differs from process to process
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(240, 6)).astype(np.float32), np.arange(240) % 4
     model = create_model("mlp", n_classes=4, input_shape=[6], hidden=[16], dropout=0.0)
@@ -38,3 +39,46 @@ def test_max_norm_bounds_every_unit_after_every_step():
     assert all(norm <= 0.8 + 1e-5 for norm in seen[1:])  # every step left every unit within the bound
     assert all(norm <= 0.8 + 1e-5 for norm in row_norms(bounded))  # and so does the kept best epoch
     assert max(row_norms(bounded)) > 0.79  # the bound was reached: rows are scaled to it, not shrunk past it
+
+
+def test_the_model_returned_holds_its_best_validation_epochs_weights():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(240, 6)).astype(np.float32), np.arange(240) % 4
+    torch.manual_seed(0)
+    val_y = rng.integers(0, 4, 60)  # noise: validation accuracy wanders, so the best epoch is not the last
+    model = create_model("mlp", n_classes=4, input_shape=[6], hidden=[16], dropout=0.0)
+    model.fit_normalizer(x)
+    after_epoch = {}
+
+    def sample(epoch, rng):  # called as each epoch starts: the weights the epoch before left
+        after_epoch[epoch - 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return rng.permutation(240)
+
+    cfg = TrainConfig(epochs=12, batch_size=32, lr=0.05, patience=0)
+    result = train_model(model, model.encode(x), y, model.encode(x[:60]), val_y, cfg, seed=0, sample=sample,
+                         progress=False)
+    improved = [row["epoch"] for i, row in enumerate(result.history)
+                if row["val_accuracy"] > max([r["val_accuracy"] for r in result.history[:i]], default=-1)]
+    assert len(improved) >= 2 and result.best_epoch < 12  # kept twice, and later epochs wrote over the weights
+    best = after_epoch[result.best_epoch]
+    assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
+    assert not all(torch.equal(model.state_dict()[k], after_epoch[11][k]) for k in best)
+
+
+def test_character_gram_training_bags_each_distinct_row_once_with_the_same_outputs_and_gradients():
+    texts = ["the cat sat on the mat", "a tattered hat", "that is that"]
+    torch.manual_seed(0)
+    model = create_model("fasttext", n_classes=3, buckets=997, embed_dim=8, hidden=[16], dropout=0.0,
+                         char_ngrams=3)
+    ids, offsets = model.encode(texts).batch(np.arange(3), torch.device("cpu"))
+    assert len(torch.unique(ids)) < len(ids)  # grams repeat: the training path has rows to share
+    grads = {}
+    for training in (True, False):
+        model.train(training)
+        model.zero_grad()
+        logits = model(ids, offsets)
+        logits.sum().backward()
+        grads[training] = (logits.detach(), model.embedding.weight.grad.to_dense())
+    assert torch.equal(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    assert model.embedding.weight.grad.is_sparse  # still sparse: SparseAdam takes it

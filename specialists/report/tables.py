@@ -230,6 +230,13 @@ def results_blocks(metrics: Mapping) -> list:
     blocks = [Heading(3, "Test accuracy of each model (like the paper's Table 3)")]
     if ens.get("mode"):
         blocks.append(Para(f"Model: {ens['mode']}"))
+    combine = ens.get("combine", {})
+    if combine.get("chosen_on_validation"):
+        blocks.append(Para(
+            f"top_n and specialist_weight chosen on the validation split ({_count(ens.get('val_errors'))} "
+            f"validation errors against the generalist's {_count(ens.get('generalist_val_errors'))}); "
+            + ("the run serves this combination." if ens.get("served") != "the generalist alone" else
+               "the run serves the generalist alone, which made fewer validation errors.")))
     blocks.append(_comparison_table(metrics))
     peer = metrics.get("peer_ensemble")
     if peer and "examples_seen" in peer and "budget_examples" in peer:
