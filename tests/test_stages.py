@@ -377,6 +377,7 @@ def test_a_run_whose_specialists_do_not_beat_the_generalist_on_validation_serves
     generalist = specialists.load(fork.root, device="cpu", use_specialists=False)
     np.testing.assert_array_equal(served.predict_proba(dataset.val.inputs), generalist.predict_proba(dataset.val.inputs))
     assert fork.read_metrics()["ensemble"]["served"] == "the generalist alone"
+    assert "the run serves the generalist alone" in (fork.report / "summary.md").read_text()
     exported = export_run(fork.root, tmp_path / "export", "torchscript", log=lambda s: None)
     assert read_json(exported / "export.json")["specialists"] == []  # an export serves what the run serves
     assert any(line.startswith("warning: on validation the combination makes") and
