@@ -1,10 +1,12 @@
-"""The training loop's max-norm constraint (train.max_norm), on a real MLP."""
+"""The training loop (max-norm constraint, the kept best epoch), the character-gram training path and RowSparseAdam."""
 
 import numpy as np
+import pytest
 import torch
 
 from specialists.config import TrainConfig
 from specialists.models import create_model
+from specialists.sparse_adam import RowSparseAdam
 from specialists.train import cross_entropy, train_model
 
 
@@ -82,3 +84,25 @@ def test_character_gram_training_bags_each_distinct_row_once_with_the_same_outpu
     assert torch.equal(grads[True][0], grads[False][0])
     torch.testing.assert_close(grads[True][1], grads[False][1])
     assert model.embedding.weight.grad.is_sparse  # still sparse: SparseAdam takes it
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_row_sparse_adam_steps_exactly_as_torchs_sparse_adam(maximize):
+    torch.manual_seed(0)
+    start = torch.randn(500, 8)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizers = [(ours, RowSparseAdam([ours], lr=0.01, maximize=maximize)),
+                  (theirs, torch.optim.SparseAdam([theirs], lr=0.01, maximize=maximize))]
+    for _ in range(25):
+        rows = torch.randint(0, 500, (200,))  # repeated rows: an uncoalesced gradient, as EmbeddingBag gives
+        values = torch.randn(200, 8)
+        for param, optimizer in optimizers:
+            param.grad = torch.sparse_coo_tensor(rows[None], values, param.shape)
+            optimizer.step()
+    assert torch.equal(ours, theirs) and not torch.equal(ours, start)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizers[0][1].state[ours][key], optimizers[1][1].state[theirs][key])
+    assert optimizers[0][1].state[ours]["step"] == optimizers[1][1].state[theirs]["step"] == 25
+    with pytest.raises(RuntimeError, match="dense gradients"):
+        ours.grad = torch.zeros_like(ours)
+        optimizers[0][1].step()
