@@ -97,7 +97,7 @@ def test_row_sparse_adam_steps_exactly_as_torchs_sparse_adam(maximize):
         rows = torch.randint(0, 500, (200,))  # repeated rows: an uncoalesced gradient, as EmbeddingBag gives
         values = torch.randn(200, 8)
         for param, optimizer in optimizers:
-            param.grad = torch.sparse_coo_tensor(rows[None], values, param.shape)
+            param.grad = torch.sparse_coo_tensor(rows[None], values, param.shape, check_invariants=True)
             optimizer.step()
     assert torch.equal(ours, theirs) and not torch.equal(ours, start)
     for key in ("exp_avg", "exp_avg_sq"):
