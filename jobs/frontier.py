@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from specialists.config import load_config
-from specialists.combination_choice import CHOOSE_SPECIALIST_WEIGHTS, CHOOSE_TOP_N, candidate_settings
+from specialists.combination_choice import (CHOOSE_SPECIALIST_WEIGHTS, CHOOSE_TOP_N, candidate_settings,
+                                            serve_specialists)
 from specialists.combine import combine_outputs
 from specialists.ensemble import SpecialistsModel
 from specialists.evaluation import fit_temperature, temper
@@ -209,11 +210,11 @@ def best_combination(seed: Seed, members: list[dict], specialists: list[dict], a
     """The setting with the fewest validation errors among: tempered or not, each specialists run
     (training variant), top_n and specialist_weight; its validation and test errors. as_run: what
     `specialists run` serves (combination_choice.py): untempered, its candidate settings, and the full
-    models alone unless a combination makes strictly fewer validation errors."""
+    models alone unless the best of them passes the run's sign test on validation."""
     candidates = []
     for tempered in (False,) if as_run else (False, True):
         full = full_models(seed, members, tempered)
-        for spec in specialists + [None] if as_run else specialists or [None]:
+        for spec in specialists or [None]:
             if spec is None:
                 settings = [(None, None)]
             elif as_run:
@@ -231,6 +232,18 @@ def best_combination(seed: Seed, members: list[dict], specialists: list[dict], a
                                    {"tempered": tempered, "variant": spec["variant"] if spec else None,
                                     "top_n": top_n, "specialist_weight": weight}, spec))
     (val_errors, _), combined, setting, spec = min(candidates, key=lambda c: c[0])
+    if as_run and spec is not None:
+        full = full_models(seed, members, False)
+        alone = full["val"].mean(0).numpy().argmax(1) == seed.labels["val"]
+        right = combined("val").argmax(1) == seed.labels["val"]
+        use, _ = serve_specialists(int((right & ~alone).sum()), int((~right & alone).sum()),
+                                   seed.cfg.combine.significance)
+        if not use:
+            val_errors, spec = int((~alone).sum()), None
+            setting = {"tempered": False, "variant": None, "top_n": None, "specialist_weight": None}
+
+            def combined(split, full=full):
+                return full[split].mean(0).numpy()
     examples = seed.examples + sum(m["examples_seen"] for m in members) + (spec["examples_seen"] if spec else 0)
     cpu = seed.cpu_seconds + sum(m["cpu_seconds"] for m in members) + (spec["cpu_seconds"] if spec else 0)
     return {**setting, "full_models": 1 + len(members), "val_errors": val_errors,

@@ -403,6 +403,9 @@ class CombineConfig:
     # combination_choice's grid and these values, or the full models alone where no setting has fewer errors;
     # false: these values, served as they are
     choose: bool = True
+    # with choose: the specialists are served only where the chosen setting fixes more of the full models'
+    # validation errors than it breaks at this one-sided sign test level (1: any net gain)
+    significance: float = 0.05
 
     def validate(self, prefix: str = "combine") -> None:
         require(self.top_n >= 1, f"{prefix}.top_n", self.top_n, "must be >= 1")
@@ -410,6 +413,8 @@ class CombineConfig:
         require(self.specialist_weight > 0, f"{prefix}.specialist_weight", self.specialist_weight, "must be > 0")
         require(self.generalists >= 1, f"{prefix}.generalists", self.generalists,
                  "must be >= 1 (1 = the generalist alone with the specialists)")
+        require(0 < self.significance <= 1, f"{prefix}.significance", self.significance,
+                "must be in (0, 1] (1 = any net gain on validation)")
 
 
 @dataclass(frozen=True)

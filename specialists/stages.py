@@ -231,8 +231,13 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.de
                  "own" if cfg.specialists.init == "scratch" else "")
         serves = ("the run serves the generalist alone (combination.json; combine.choose=false combines anyway)"
                   if not served else "the run combines them as combine.choose=false asks")
-        more = "more" if m["val_errors"] > m["generalist_val_errors"] else "no fewer"
-        log(f"warning: on validation the combination makes {more} errors than the generalist alone "
+        if m["val_errors"] < m["generalist_val_errors"]:
+            how = (f"fixes too few more of the generalist's errors than it breaks to tell from noise (sign test "
+                   f"p={choices[1]['p_value']:.2g}, combine.significance={cfg.combine.significance:g})")
+        else:
+            more = "more" if m["val_errors"] > m["generalist_val_errors"] else "no fewer"
+            how = f"makes {more} errors than the generalist alone"
+        log(f"warning: on validation the combination {how} "
             f"({m['val_errors']} against {m['generalist_val_errors']} of {len(dataset.val)}): its specialists "
             f"(specialists.init={cfg.specialists.init}) do not help on this data{start}, and a larger "
             f"specialists.budget trains them longer; {serves}")
@@ -260,13 +265,15 @@ def choose_combinations(cfg: RunConfig, dataset: Dataset, run: RunDir, device: t
         if not model.specialists:
             continue
         choice = choose_combination(model, dataset.val.inputs, dataset.val.labels, settings,
-                                    cfg.train.eval_batch_size)
+                                    cfg.train.eval_batch_size, cfg.combine.significance)
         write_choice(run, generalists, choice)
         choices[generalists] = choice
         log(f"combine: chosen on {choice['val_examples']} validation examples for {generalists} full model(s): "
             f"top_n={choice['top_n']}, specialist_weight={choice['specialist_weight']:g} "
-            f"({choice['val_errors']} errors; the full model(s) alone {choice['full_models_val_errors']})"
-            + ("" if choice["use_specialists"] else ": served without the specialists"))
+            f"(fixes {choice['fixed']} of the full model(s)' errors, breaks {choice['broken']}, one-sided sign test "
+            f"p={choice['p_value']:.2g}; the full model(s) alone make {choice['full_models_val_errors']})"
+            + ("" if choice["use_specialists"] else
+               f": served without the specialists (combine.significance={cfg.combine.significance:g})"))
     return choices
 
 

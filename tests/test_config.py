@@ -66,6 +66,8 @@ def test_dumped_config_round_trips(tmp_path):
     ("specialists.ngrams=-1", "specialists.ngrams=-1"),
     ("specialists.char_ngrams=9", "specialists.char_ngrams=9"),
     ("specialists.embed_dim=-1", "specialists.embed_dim=-1"),
+    ("combine.significance=0", "combine.significance=0"),
+    ("combine.significance=1.5", "combine.significance=1.5"),
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
 
 import specialists
 from conftest import csv_overrides, tiny_config
@@ -353,15 +354,36 @@ def test_the_run_chooses_top_n_and_specialist_weight_on_validation_and_serves_th
                                                    use_specialists=True), dataset.val) for n, w in settings}
     assert [c["val_errors"] for c in choice["candidates"]] == list(errors.values())  # what predict_proba makes
     best = min(errors, key=errors.get)  # the first of the fewest: the config's own pair on a tie
-    alone = _val_errors(specialists.load(chosen_run.root, device="cpu", use_specialists=False), dataset.val)
+    generalist = specialists.load(chosen_run.root, device="cpu", use_specialists=False)
+    alone = _val_errors(generalist, dataset.val)
     assert (choice["top_n"], choice["specialist_weight"]) == best and len(set(errors.values())) > 1
-    assert choice["use_specialists"] == (errors[best] < alone) and choice["full_models_val_errors"] == alone
+    assert choice["full_models_val_errors"] == alone
+    # what the best setting fixes and breaks of the generalist's validation errors, and the sign test on them
+    right = specialists.load(chosen_run.root, device="cpu", top_n=best[0], specialist_weight=best[1],
+                             use_specialists=True).predict_proba(dataset.val.inputs).argmax(1) == dataset.val.labels
+    general_right = generalist.predict_proba(dataset.val.inputs).argmax(1) == dataset.val.labels
+    assert (choice["fixed"], choice["broken"]) == ((right & ~general_right).sum(), (~right & general_right).sum())
+    assert choice["p_value"] == pytest.approx(binomtest(choice["fixed"], choice["fixed"] + choice["broken"],
+                                                        alternative="greater").pvalue)
+    assert choice["use_specialists"] == (errors[best] < alone and choice["p_value"] < 0.05)
     served = specialists.load(chosen_run.root, device="cpu")
     assert (served.top_n, served.specialist_weight, served.use_specialists) == (*best, choice["use_specialists"])
     assert specialists.load(chosen_run.root, device="cpu", top_n=2).top_n == 2  # an option given wins
     ensemble = chosen_run.read_metrics()["ensemble"]
     assert ensemble["combine"] == {"top_n": best[0], "specialist_weight": best[1], "chosen_on_validation": True}
-    assert ensemble["val_errors"] == errors[best]
+    assert ensemble["served"] == ("generalist + specialists" if choice["use_specialists"] else "the generalist alone")
+
+
+def test_a_gain_within_noise_on_validation_is_not_served_unless_significance_is_1(chosen_run, tmp_path):
+    """The pinned run's best setting makes one validation error fewer than its generalist of 24 rows: too
+    few to tell from noise at the default level, served at combine.significance=1 (any net gain)."""
+    choice = read_json(chosen_run.root / "combination.json")["1"]
+    assert choice["val_errors"] == choice["full_models_val_errors"] and not choice["use_specialists"]
+    assert min(c["val_errors"] for c in choice["candidates"]) < choice["full_models_val_errors"]
+    fork = fork_run(chosen_run.root, tmp_path / "any_gain", ["combine.significance=1"])
+    run_pipeline(None, fork.root, resume=True, **QUIET)
+    assert read_json(fork.root / "combination.json")["1"]["use_specialists"]
+    assert specialists.load(fork.root, device="cpu").use_specialists
 
 
 def test_a_run_whose_specialists_do_not_beat_the_generalist_on_validation_serves_it_alone(pinned_run, tmp_path):
