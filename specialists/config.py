@@ -400,8 +400,8 @@ class CombineConfig:
     # them on the generalist's schedule, and matches the peer ensemble's budget to the hybrid's compute)
     generalists: int = 1
     # true: the evaluate stage chooses top_n and specialist_weight on validation errors among
-    # combination_choice's grid and these values, or the full models alone where no setting has fewer errors;
-    # false: these values, served as they are
+    # combination_choice's grid and these values, or the full models alone where the chosen setting does not
+    # pass `significance`; false: these values, served as they are
     choose: bool = True
     # with choose: the specialists are served only where the chosen setting fixes more of the full models'
     # validation errors than it breaks at this one-sided sign test level (1: any net gain)
@@ -484,7 +484,7 @@ class RunConfig:
         for key, value in self.specialists.fresh_network().items():
             require(self.model.name == "fasttext" and self.specialists.init == "scratch", f"specialists.{key}", value,
                     "needs model.name=fasttext and specialists.init=scratch: a specialist started from the "
-                    "generalist's weights must read its features")
+                    "generalist's weights must read its features and keep its sizes")
         require(self.combine.generalists == 1 or self.peer.enabled, "combine.generalists", self.combine.generalists,
                  "needs peer.enabled=true: full models beyond the generalist are peer members (without the peer "
                  "stage there is 1 full model)")

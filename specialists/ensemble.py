@@ -80,8 +80,8 @@ class SpecialistsModel:
         training split's prior), or "none".
     specialist_weight: weight of each active specialist's KL term; the full models' together is 1.
     generalists: how many full models (the generalist, then peer members 1, 2, ...) the combination uses.
-    use_specialists: False gives the full models (their mean) alone; a run whose specialists made more
-        validation errors than its full models alone chose False.
+    use_specialists: False gives the full models (their mean) alone; a run whose specialists did not
+        clearly beat its full models alone on validation chose False (combination_choice.py).
     """
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "auto", top_n: int | None = None,

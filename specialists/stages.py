@@ -203,8 +203,8 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.de
 
     First, with combine.choose, the settings the run serves are chosen on the validation split
     (combination_choice.py). The test split is only reported: the comparison uses the chosen top_n and
-    specialist_weight, and `served` says whether the run serves that combination or, where it made more
-    validation errors than the generalist alone, the generalist."""
+    specialist_weight, and `served` says whether the run serves that combination or, where it did not
+    clearly beat the generalist alone on validation, the generalist."""
     from .ensemble import SpecialistsModel
 
     choices = choose_combinations(cfg, dataset, run, device, log)
@@ -221,7 +221,12 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.de
     log(f"ensemble: test accuracy {m['test_accuracy']:.4f} vs generalist {m['generalist_test_accuracy']:.4f} "
         f"({m['test_errors']} vs {m['generalist_test_errors']} errors, {100 * m['error_reduction']:+.1f}% fewer); "
         f"conditional {m['conditional_accuracy']:.4f} vs {m['generalist_conditional_accuracy']:.4f}")
-    m.update(validation_errors(model, dataset.val, batch))
+    if 1 in choices:  # counted while choosing: the chosen setting's errors and the generalist's
+        best = next(c for c in choices[1]["candidates"]
+                    if (c["top_n"], c["specialist_weight"]) == (model.top_n, model.specialist_weight))
+        m.update(val_errors=best["val_errors"], generalist_val_errors=choices[1]["full_models_val_errors"])
+    else:
+        m.update(validation_errors(model, dataset.val, batch))
     served = choices.get(1, {}).get("use_specialists", True)
     m["served"] = "generalist + specialists" if served else "the generalist alone"
     m["combine"] = {"top_n": model.top_n, "specialist_weight": model.specialist_weight,

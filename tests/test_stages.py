@@ -372,6 +372,7 @@ def test_the_run_chooses_top_n_and_specialist_weight_on_validation_and_serves_th
     ensemble = chosen_run.read_metrics()["ensemble"]
     assert ensemble["combine"] == {"top_n": best[0], "specialist_weight": best[1], "chosen_on_validation": True}
     assert ensemble["served"] == ("generalist + specialists" if choice["use_specialists"] else "the generalist alone")
+    assert (ensemble["val_errors"], ensemble["generalist_val_errors"]) == (errors[best], alone)
 
 
 def test_a_gain_within_noise_on_validation_is_not_served_unless_significance_is_1(chosen_run, tmp_path):
