@@ -78,6 +78,8 @@ VARIANTS = {
     "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3"],
     # the same with half the embedding: cheaper a step, weaker an example (README, the frontier)
     "scratch_chars3_d64": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.embed_dim=64"],
+    # ... with half the hash buckets: what `specialists.init=auto` trains (README, the frontier)
+    "scratch_chars3_b100k": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=100000"],
 }
 SPLITS = ("val", "test")
 

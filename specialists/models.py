@@ -51,7 +51,9 @@ def torch_threads(n: int):
 
     For loops of many small ops (a specialist on the few rows where it is
     active): starting and joining threads costs more than they save there,
-    and far more on a busy machine. The values computed do not change.
+    and far more on a busy machine. For training beside other processes
+    (the generalist while Ray's workers start): threads beyond the free cores
+    spin waiting for each other. The values computed do not change.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -159,6 +161,24 @@ def hash_ngrams(text: str, buckets: int, ngrams: int, char_ngrams: int = 0, toke
     return np.array(ids, dtype=np.int64)
 
 
+CACHED_TEXT_CHARS = 256  # longer texts are hashed anew each time: the cache holds at most ~5 KB a text
+
+
+def _text_ids(text: str, buckets: int, ngrams: int, char_ngrams: int, tokenizer: str) -> np.ndarray:
+    if len(text) > CACHED_TEXT_CHARS:
+        return hash_ngrams(text, buckets, ngrams, char_ngrams, tokenizer)
+    return _cached_text_ids(text, buckets, ngrams, char_ngrams, tokenizer)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _cached_text_ids(text: str, buckets: int, ngrams: int, char_ngrams: int, tokenizer: str) -> np.ndarray:
+    # Cached: a run hashes the same texts the same way in several stages (the generalist, its outputs, the
+    # peers, the evaluation, the report) and in every specialist; read-only, since callers share the array.
+    ids = hash_ngrams(text, buckets, ngrams, char_ngrams, tokenizer)
+    ids.flags.writeable = False
+    return ids
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def _char_gram_ids(word: str, buckets: int, char_ngrams: int) -> tuple[int, ...]:
     # Cached: a corpus repeats its words, and a word's character grams are most of a text's hashing.
@@ -212,8 +232,7 @@ class FastText(nn.Module):
     def encode(self, texts) -> EncodedTexts:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("this model reads texts: pass a list of strings")
-        return EncodedTexts([hash_ngrams(t, self.buckets, self.ngrams, self.char_ngrams, self.tokenizer)
-                             for t in texts])
+        return EncodedTexts([_text_ids(t, self.buckets, self.ngrams, self.char_ngrams, self.tokenizer) for t in texts])
 
     def features(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if self.training and self.char_ngrams:

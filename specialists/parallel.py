@@ -301,18 +301,24 @@ def _settle() -> None:
         stopping.thread.join()
 
 
-def start_early(cfg: RayConfig, workers: int) -> None:
-    """Begin connecting Ray (and warming up to `workers` workers) now, in the background.
+def start_early(cfg: RayConfig, workers: int) -> int:
+    """Begin connecting Ray (and warming up to `workers` workers) now, in the background; returns how many
+    of them start on this machine (a local instance: as many as its CPUs hold; a cluster's: 0).
 
     The next `ray_session` takes this session over, waiting for it if need
     be, and shuts it down after; `stop_early` shuts it down if no stage
     took it (the run ended, or failed, before its specialists). Nothing is
-    begun if Ray is already connected in this process.
+    begun, and 0 returned, if Ray is already connected in this process.
     """
     global _early
     _settle()
-    if _early is None and not ray.is_initialized():
-        _early = _EarlyStart(cfg, workers)
+    if _early is not None or ray.is_initialized():
+        return 0
+    _early = _EarlyStart(cfg, workers)
+    if _address(cfg)[0]:
+        return 0
+    slots = int((cfg.num_cpus or _local_cpus()) // cfg.cpus_per_task)
+    return max(1, min(workers, slots))
 
 
 def stop_early() -> None:

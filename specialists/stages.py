@@ -28,7 +28,7 @@ from .covariance import correlation_from_covariance, rows_per_batch
 from .data import Dataset, Split, check_run_fits_data, load_dataset, read_unlabeled_inputs
 from .evaluation import StreamedComparison
 from .generalist import fit_generalist, is_loaded, load_generalist
-from .models import CheckpointError, load_checkpoint, model_kwargs, save_checkpoint
+from .models import CheckpointError, load_checkpoint, model_kwargs, save_checkpoint, torch_threads
 from .peer import train_peers
 from .report import error_share_inside, format_summary, random_share, write_report
 from .rundir import RunDir, RunDirError, atomic_write, read_json, write_json, write_text
@@ -472,11 +472,24 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
         from .parallel import start_early, stop_early
 
         # Ray starts, and its workers import torch, while the generalist trains: off the specialists' path
-        start_early(cfg.ray, workers=cfg.cluster.groups(dataset.n_classes))
+        warming = start_early(cfg.ray, workers=cfg.cluster.groups(dataset.n_classes))
+        # ... on the cores those workers leave it: with more threads than free cores, the generalist's threads
+        # spin waiting for each other, and both it and the workers take longer (README, Performance)
+        cores = torch.get_num_threads()
+        threads = max(1, cores - warming) if warming and cores > 1 and not cfg.threads and device.type == "cpu" else 0
         try:
-            return _run_stages(cfg, dataset, run, device, resume, log, progress, started)
+            return _run_stages(cfg, dataset, run, device, resume, log, progress, started, threads)
         finally:
             stop_early()  # a run that ended before its specialists stage took the session over
+
+
+def _train_generalist(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,
+                      progress: bool, threads: int) -> dict:
+    if not threads:
+        return train_generalist(cfg, dataset, run, device, log, progress)
+    log(f"generalist: {threads} torch thread(s) while Ray starts its workers on this machine")
+    with torch_threads(threads):
+        return train_generalist(cfg, dataset, run, device, log, progress)
 
 
 def _train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,
@@ -487,8 +500,11 @@ def _train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: to
 
 
 def _run_stages(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, resume: bool, log: Log,
-                progress: bool, started: float) -> RunDir:
-    """run_pipeline's stages, in order, under the run lock."""
+                progress: bool, started: float, generalist_threads: int = 0) -> RunDir:
+    """run_pipeline's stages, in order, under the run lock.
+
+    generalist_threads: torch threads the generalist trains with (0: as set up).
+    """
     write_json(run.classes, dataset.classes)
     if dataset.planted_groups is not None:
         write_json(run.root / "planted_groups.json", dataset.planted_groups)
@@ -501,7 +517,7 @@ def _run_stages(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.dev
     # its turn comes), what a resume says when it is done already, and its body.
     plan = {
         "generalist": ("generalist", [], "already trained",
-                       lambda: train_generalist(cfg, dataset, run, device, log, progress)),
+                       lambda: _train_generalist(cfg, dataset, run, device, log, progress, generalist_threads)),
         "cluster": ("cluster", [(lambda: not cfg.cluster.enabled, "disabled (cluster.enabled=false)")], "already done",
                     lambda: cluster_classes(cfg, dataset, run, device, log)),
         "specialists": ("specialists", [

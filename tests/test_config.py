@@ -66,6 +66,9 @@ def test_dumped_config_round_trips(tmp_path):
     ("specialists.ngrams=-1", "specialists.ngrams=-1"),
     ("specialists.char_ngrams=9", "specialists.char_ngrams=9"),
     ("specialists.embed_dim=-1", "specialists.embed_dim=-1"),
+    ("specialists.buckets=-1", "specialists.buckets=-1"),
+    ("specialists.buckets=8", "specialists.buckets=8"),
+    ("specialists.buckets=many", "specialists.buckets"),
     ("combine.significance=0", "combine.significance=0"),
     ("combine.significance=1.5", "combine.significance=1.5"),
 ])
@@ -89,8 +92,27 @@ def test_specialists_hashing_needs_fasttext_and_a_scratch_start():
         load_config(None, ["specialists.init=generalist", "specialists.embed_dim=64"])  # its weights' size
     with pytest.raises(ConfigError, match=r"specialists.embed_dim=64: needs model.name=fasttext"):
         load_config("configs/synthetic.yaml", ["specialists.init=scratch", "specialists.embed_dim=64"])
-    assert load_config(None, ["specialists.embed_dim=64"]).specialists.fresh_network() == {"char_ngrams": 3,
-                                                                                          "embed_dim": 64}
+    assert load_config(None, ["specialists.embed_dim=64"]).specialists.fresh_network() == {
+        "char_ngrams": 3, "embed_dim": 64, "buckets": 100_000}
+    with pytest.raises(ConfigError, match=r"specialists.buckets=5000: needs .*specialists.init=scratch"):
+        load_config(None, ["specialists.init=generalist", "specialists.buckets=5000"])  # its table's size
+    with pytest.raises(ConfigError, match=r"specialists.buckets=5000: needs model.name=fasttext"):
+        load_config("configs/synthetic.yaml", ["specialists.init=scratch", "specialists.buckets=5000"])
+    with pytest.raises(ConfigError, match=r"specialists.buckets=20000000: with specialists.embed_dim=128 a "
+                                          r"specialist's embedding table would have 2560000000 weights"):
+        load_config(None, ["specialists.buckets=20000000"])
+    assert load_config(None, ["specialists.init=scratch", "specialists.buckets=5000"]).specialists.fresh_network() \
+        == {"buckets": 5000}
+
+
+@pytest.mark.parametrize("overrides, buckets", [
+    ([], 100_000),  # half the generalist's 200,000: as few validation errors (README, Performance)
+    (["specialists.buckets=300000"], 300_000),  # what a user sets is kept
+    (["model.buckets=50000"], 0),  # never more than the generalist's: its own
+    (["specialists.init=scratch"], 0),  # a start the user names keeps the model's hashing
+])
+def test_auto_fasttext_specialists_hash_into_at_most_100k_buckets(overrides, buckets):
+    assert load_config(None, overrides).specialists.buckets == buckets
 
 
 @pytest.mark.parametrize("path, overrides, init, char_ngrams", [

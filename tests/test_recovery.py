@@ -298,7 +298,8 @@ def test_bad_ray_address_at_resume_follows_override_then_environment_then_saved(
 def test_ray_started_early_is_taken_over_by_the_stage_and_shut_down_after(no_ray):
     from specialists.parallel import ray_session, start_early, stop_early
 
-    start_early(RayConfig(num_cpus=1), workers=1)
+    assert start_early(RayConfig(num_cpus=1), workers=3) == 1  # the workers warming here: as many as it has CPUs
+    assert start_early(RayConfig(num_cpus=1), workers=3) == 0  # begun already: nothing more
     lines = []
     with ray_session(RayConfig(num_cpus=1), log=lines.append) as resources:
         assert ray.is_initialized() and resources["cpus"] == 1
@@ -320,7 +321,7 @@ def test_an_early_start_that_failed_fails_the_stage_with_its_error(no_ray):
 
     closed = closed_port()
     cfg = RayConfig(address=f"127.0.0.1:{closed}", connect_timeout_s=1.0)
-    start_early(cfg, workers=1)
+    assert start_early(cfg, workers=1) == 0  # a cluster's workers do not start on this machine
     with pytest.raises(ConfigError, match=rf"^ray.address='127.0.0.1:{closed}': no Ray cluster answers"):
         with ray_session(cfg, log=lambda s: None):
             pass
@@ -348,6 +349,25 @@ def test_sessions_one_after_another_in_one_process_submit_from_the_callers_threa
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "submitted from the caller's thread" in done.stdout
+
+
+def test_the_generalist_leaves_the_warming_workers_their_cores_then_threads_are_restored(no_ray, tmp_path):
+    """A local Ray instance warms its workers while the generalist trains; the generalist takes the cores they
+    leave, unless `threads` is set."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        lines = []
+        run_pipeline(tiny_config(ON, "peer.enabled=false", "ray.num_cpus=2", "threads=0"), tmp_path / "run",
+                     log=lines.append, progress=False)
+        assert "generalist: 1 torch thread(s) while Ray starts its workers on this machine" in lines  # 3 - 2 workers
+        assert torch.get_num_threads() == 3
+        lines = []
+        run_pipeline(tiny_config(ON, "peer.enabled=false", "ray.num_cpus=2", "threads=3"), tmp_path / "set",
+                     log=lines.append, progress=False)
+        assert not any("torch thread(s)" in line for line in lines)  # the user's setting stands
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_run_that_fails_before_its_specialists_leaves_no_ray_running(no_ray, tmp_path):

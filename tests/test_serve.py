@@ -68,7 +68,7 @@ def text_run(tmp_path_factory):
         "data.kind=csv_text", f"data.train={train}", f"data.test={test}", "data.text_column=text",
         "data.label_column=intent", "model.buckets=4096", "model.embed_dim=16", "model.hidden=[16]",
         "train.epochs=8", "train.batch_size=16", "train.lr=0.02", "threads=1", "cluster.classes_per_cluster=3",
-        "specialists.epochs=4", "peer.enabled=false",
+        "specialists.epochs=4", "specialists.buckets=2048", "peer.enabled=false",
         "combine.choose=false"])  # the combination is exported whether or not it helps on 12 validation texts
     out = root / "run"
     run_pipeline(cfg, out, log=quiet, progress=False)
@@ -279,6 +279,7 @@ def test_an_export_whose_specialists_hash_character_grams_takes_one_encoding_eac
     spec = json.loads((folder / "export.json").read_text())
     words, chars = spec["input"]["encodings"]
     assert spec["input"]["encoding"] == words and (words["char_ngrams"], chars["char_ngrams"]) == (0, 3)
+    assert (words["buckets"], chars["buckets"]) == (4096, 2048)  # specialists.buckets: a smaller table of their own
     assert [f["encoding"] for f in spec["full_models"]] == [0]
     assert {s["encoding"] for s in spec["specialists"]} == {1}
     model = specialists.load(text_run, device="cpu")

@@ -13,6 +13,7 @@ import torch
 import specialists
 from specialists.config import ConfigError, load_config
 from specialists.models import (
+    CACHED_TEXT_CHARS,
     SPEC_VERSION,
     CheckpointError,
     EncodedTexts,
@@ -207,3 +208,20 @@ def test_character_grams_let_fasttext_learn_text_without_spaces():
     # Whole clauses as words: an unseen sentence is an unseen word, so about chance (1/3).
     assert accuracy[0] < 0.6, accuracy
     assert accuracy[2] > 0.95, accuracy
+
+
+def test_a_text_is_hashed_once_per_hashing_and_shared_read_only():
+    """FastText.encode caches each text's ids: a run encodes the same texts in several stages."""
+    chars = create_model("fasttext", n_classes=3, buckets=4096, embed_dim=4, hidden=[4], char_ngrams=2)
+    words = create_model("fasttext", n_classes=3, buckets=512, embed_dim=4, hidden=[4])
+    first, again, other = chars.encode(TEXTS), chars.encode(TEXTS), words.encode(TEXTS)
+    for text, ids, same, own in zip(TEXTS, first.ids, again.ids, other.ids):
+        np.testing.assert_array_equal(ids, hash_ngrams(text, 4096, 2, char_ngrams=2))
+        np.testing.assert_array_equal(own, hash_ngrams(text, 512, 2))  # another hashing: its own entry
+        assert same is ids and not ids.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            ids[0] = -1
+    long = "a long text " * (CACHED_TEXT_CHARS // 12 + 1)  # hashed anew: the cache's memory stays bounded
+    first, again = chars.encode([long]).ids[0], chars.encode([long]).ids[0]
+    assert first is not again and first.flags.writeable
+    np.testing.assert_array_equal(first, again)
