@@ -62,7 +62,9 @@ from specialists.stages import fork_run, run_pipeline
 from specialists.train import predict_proba
 
 # specialists.* overrides of each training variant; the config's own settings are "default"
-WORDS = ["specialists.ngrams=0", "specialists.char_ngrams=-1"]  # the generalist's hashing
+# Each variant sets every key it relies on: a frontier run forks a base run whose config.yaml holds the resolved
+# defaults (specialists.init=auto made concrete: character grams, 100,000 buckets)
+WORDS = ["specialists.ngrams=0", "specialists.char_ngrams=-1", "specialists.buckets=0"]  # the generalist's hashing
 VARIANTS = {
     "default": [],
     "generalist": ["specialists.init=generalist", *WORDS],  # the paper's start: the generalist's weights
@@ -75,9 +77,10 @@ VARIANTS = {
     # nor pulled towards its outputs
     "scratch_soft0": ["specialists.init=scratch", *WORDS, "specialists.soft_weight=0"],
     # fasttext: specialists that read character 1..3-grams beside the generalist's words, so they err differently
-    "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3"],
+    "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=0"],
     # the same with half the embedding: cheaper a step, weaker an example (README, the frontier)
-    "scratch_chars3_d64": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.embed_dim=64"],
+    "scratch_chars3_d64": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=0",
+                           "specialists.embed_dim=64"],
     # ... with half the hash buckets: what `specialists.init=auto` trains (README, the frontier)
     "scratch_chars3_b100k": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=100000"],
 }

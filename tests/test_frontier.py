@@ -1,7 +1,7 @@
 import pytest
 
 from jobs.frontier import VARIANTS, chosen_method, default_variants, summarise
-from specialists.config import load_config
+from specialists.config import dump_config, load_config
 from specialists.report.document import render_md
 
 
@@ -43,11 +43,16 @@ def test_a_validation_tie_goes_to_the_method_with_fewer_full_models():
     (None, ["generalist", "scratch", "scratch_chars3"]),
     ("configs/synthetic.yaml", ["generalist", "scratch"]),  # an mlp hashes nothing
 ])
-def test_the_default_variants_are_the_papers_start_and_fresh_ones_each_a_valid_config(path, expected):
+def test_the_default_variants_are_the_papers_start_and_fresh_ones_each_a_valid_config(path, expected, tmp_path):
     variants = default_variants(load_config(path))
     assert variants == expected
-    starts = {v: load_config(path, VARIANTS[v]).specialists for v in variants}
-    assert (starts["generalist"].init, starts["generalist"].hashing()) == ("generalist", {})
-    assert (starts["scratch"].init, starts["scratch"].hashing()) == ("scratch", {})  # the generalist's grams
+    # as Seed.specialists applies them: over the base run's config.yaml, its defaults made concrete
+    base = tmp_path / "config.yaml"
+    base.write_text(dump_config(load_config(path, ["specialists.enabled=false", "peer.enabled=false"])))
+    starts = {v: load_config(base, VARIANTS[v]).specialists for v in variants}
+    assert (starts["generalist"].init, starts["generalist"].fresh_network()) == ("generalist", {})
+    assert (starts["scratch"].init, starts["scratch"].fresh_network()) == ("scratch", {})  # the generalist's grams
     if "scratch_chars3" in starts:
-        assert starts["scratch_chars3"].hashing() == {"char_ngrams": 3}
+        assert starts["scratch_chars3"].fresh_network() == {"char_ngrams": 3}  # and the generalist's buckets
+        assert load_config(base, VARIANTS["scratch_chars3_b100k"]).specialists.fresh_network() == {
+            "char_ngrams": 3, "buckets": 100_000}  # what the base config's own specialists train
