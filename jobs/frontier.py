@@ -31,7 +31,8 @@ models' validation and test probabilities stored beside them, so a rerun
 trains only what is missing; a seed whose DIR/seed<s>/frontier.json was scored with the same config,
 budgets and variants is not scored again (--rescore to score it again). Printed and written to DIR: a Markdown table
 (test errors per seed and their mean, examples processed, CPU-seconds of
-training) and a PNG of mean test errors against B.
+training), with several --variants a table of each variant's (b) alone (validation and test errors, the
+specialists' CPU-seconds), and a PNG of mean test errors against B.
 """
 
 from __future__ import annotations
@@ -266,6 +267,10 @@ def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=pri
         row = {"peer": best_combination(seed, seed.peers(budget), [])}
         row["specialists"] = best_combination(seed, [], [seed.specialists(budget, v) for v in variants])
         row["specialists_fixed"] = best_combination(seed, [], [seed.specialists(budget, "default")], as_run=True)
+        if len(variants) > 1:  # each variant's (b) alone, for the table that compares them
+            row["variants"] = {v: {**best_combination(seed, [], [seed.specialists(budget, v)]),
+                                   "specialists_cpu_seconds": seed.specialists(budget, v)["cpu_seconds"]}
+                               for v in variants}
         hybrids = []
         for spec_budget in (b for b in budgets if b < budget):
             members = seed.peers(budget - spec_budget)
@@ -277,7 +282,7 @@ def frontier_seed(seed: Seed, budgets: list[float], variants: list[str], log=pri
         out["budgets"][str(budget)] = row
         log(f"seed {seed.seed} B={budget:g}: generalist {general['test_errors']}, "
             + ", ".join(f"{name} {r['test_errors']} (val {r['val_errors']}, {r['examples_x']:.2f}x)"
-                        for name, r in row.items()))
+                        for name, r in row.items() if name != "variants"))
     return out
 
 
@@ -351,7 +356,27 @@ def summarise(results: dict[int, dict], budgets: list[float], title: str) -> tup
                      ("won" if gap < 0 else "NOT won") + ": " + ", ".join(METHOD_NAMES[m] for m in chosen)])
     doc.add(Table(["B", "method", "test errors per seed (mean)", "examples (x E)", "CPU-s", "settings per seed"],
                   rows))
+    variant_rows = variant_table(results, budgets)
+    if variant_rows:
+        doc.add(Para("Each training variant alone: (b) with only its specialists, its setting chosen on "
+                     "validation; the specialists' own CPU-seconds (their Ray tasks), means over seeds."))
+        doc.add(Table(["B", "variant", "validation errors per seed (mean)", "test errors per seed (mean)",
+                       "specialists CPU-s"], variant_rows))
     return doc, {"generalist": float(np.mean(general)), "means": means}
+
+
+def variant_table(results: dict[int, dict], budgets: list[float]) -> list[list[str]]:
+    """Rows of (b) per training variant, for the variants every seed scored at that budget."""
+    rows, seeds = [], sorted(results)
+    for budget in budgets:
+        scored = [results[s]["budgets"][str(budget)].get("variants", {}) for s in seeds]
+        for variant in sorted(set.intersection(*(set(v) for v in scored))) if scored else []:
+            found = [v[variant] for v in scored]
+            val, test = [r["val_errors"] for r in found], [r["test_errors"] for r in found]
+            rows.append([f"{budget:g}", variant, " ".join(map(str, val)) + f" ({np.mean(val):.1f})",
+                         " ".join(map(str, test)) + f" ({np.mean(test):.1f})",
+                         f"{np.mean([r['specialists_cpu_seconds'] for r in found]):.1f}"])
+    return rows
 
 
 def main() -> None:

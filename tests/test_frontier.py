@@ -30,6 +30,21 @@ def test_the_verdict_takes_b_or_c_by_validation_not_by_the_test_means():
     assert "-3.0" in text  # the lower test mean, (c)'s 395, printed beside it
 
 
+def test_each_variant_scored_by_every_seed_gets_a_row_of_its_own():
+    results = {0: seed_results(peer=(100, 398), specialists=(90, 400), hybrid=(95, 390)),
+               1: seed_results(peer=(100, 398), specialists=(90, 400), hybrid=(95, 400))}
+    for s, (a, b) in enumerate([((90, 400), (94, 410)), ((92, 404), (91, 402))]):
+        results[s]["budgets"]["0.5"]["variants"] = {
+            "scratch": record(*a, specialists_cpu_seconds=7.0), "scratch_chars3": record(*b, specialists_cpu_seconds=9.0)}
+    results[1]["budgets"]["0.5"]["variants"]["widen2"] = record(80, 390, specialists_cpu_seconds=1.0)  # one seed only
+    text = render_md(summarise(results, [0.5], "t")[0])
+    assert "| 0.5 | scratch | 90 92 (91.0) | 400 404 (402.0) | 7.0 |" in text
+    assert "| 0.5 | scratch_chars3 | 94 91 (92.5) | 410 402 (406.0) | 9.0 |" in text
+    assert "widen2" not in text
+    del results[0]["budgets"]["0.5"]["variants"]  # scored before the table existed: no rows, no error
+    assert "Each training variant alone" not in render_md(summarise(results, [0.5], "t")[0])
+
+
 def test_a_validation_tie_goes_to_the_method_with_fewer_full_models():
     row = seed_results(peer=(100, 398), specialists=(90, 400), hybrid=(90, 380))["budgets"]["0.5"]
     assert chosen_method(row) == "specialists"
