@@ -491,9 +491,12 @@ class RunConfig:
                  self.specialists.init, f"must be generalist with model.name={self.model.name}: a model you bring is "
                  "initialised by its own weights")
         for key, value in self.specialists.fresh_network().items():
+            # a config.yaml holds what init=auto chose (char_ngrams: 3 ...): another start must reset those too
+            model_own = SpecialistsConfig.__dataclass_fields__[key].default
             require(self.model.name == "fasttext" and self.specialists.init == "scratch", f"specialists.{key}", value,
                     "needs model.name=fasttext and specialists.init=scratch: a specialist started from the "
-                    "generalist's weights must read its features and keep its sizes")
+                    f"generalist's weights must read its features and keep its sizes (specialists.{key}={model_own} "
+                    "takes the model's)")
         table = (self.specialists.buckets or self.model.buckets) * (self.specialists.embed_dim or self.model.embed_dim)
         require(table <= MAX_TABLE, "specialists.buckets", self.specialists.buckets or self.model.buckets,
                 f"with specialists.embed_dim={self.specialists.embed_dim or self.model.embed_dim} a specialist's "

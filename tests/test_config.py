@@ -105,6 +105,18 @@ def test_specialists_hashing_needs_fasttext_and_a_scratch_start():
         == {"buckets": 5000}
 
 
+def test_a_saved_default_config_restarted_from_the_generalist_is_told_which_keys_to_reset(tmp_path):
+    saved = tmp_path / "config.yaml"  # as a run directory holds it: init=auto made concrete
+    saved.write_text(dump_config(load_config(None)))
+    with pytest.raises(ConfigError, match=r"specialists.char_ngrams=3: .*\(specialists.char_ngrams=-1 takes the "
+                                          r"model's\)"):
+        load_config(saved, ["specialists.init=generalist"])
+    with pytest.raises(ConfigError, match=r"specialists.buckets=100000: .*\(specialists.buckets=0 takes the model's\)"):
+        load_config(saved, ["specialists.init=generalist", "specialists.char_ngrams=-1"])
+    reset = load_config(saved, ["specialists.init=generalist", "specialists.char_ngrams=-1", "specialists.buckets=0"])
+    assert reset.specialists == load_config(None, ["specialists.init=generalist"]).specialists
+
+
 @pytest.mark.parametrize("overrides, buckets", [
     ([], 100_000),  # half the generalist's 200,000: as few validation errors (README, Performance)
     (["specialists.buckets=300000"], 300_000),  # what a user sets is kept
