@@ -574,7 +574,7 @@ def with_fresh_weights(model: nn.Module, **settings) -> nn.Module:
     Buffers, which hold the input encoding (a feature standardisation fitted
     on the training data), are kept: only what training learns starts anew.
     settings: constructor settings to take instead of its own (a fasttext model's `ngrams`, `char_ngrams`,
-    `embed_dim`).
+    `embed_dim`, `buckets`).
     """
     fresh = create_model(model.spec["name"], **{**model.spec["kwargs"], **settings})
     params, kept = {name for name, _ in fresh.named_parameters()}, model.state_dict()

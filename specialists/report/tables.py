@@ -236,7 +236,8 @@ def results_blocks(metrics: Mapping) -> list:
             f"top_n and specialist_weight chosen on the validation split ({_count(ens.get('val_errors'))} "
             f"validation errors against the generalist's {_count(ens.get('generalist_val_errors'))}); "
             + ("the run serves this combination." if ens.get("served") != "the generalist alone" else
-               "the run serves the generalist alone, which made fewer validation errors.")))
+               "the run serves the generalist alone: on validation the combination did not clearly beat it "
+               "(a one-sided sign test at combine.significance).")))
     blocks.append(_comparison_table(metrics))
     peer = metrics.get("peer_ensemble")
     if peer and "examples_seen" in peer and "budget_examples" in peer:
