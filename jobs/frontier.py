@@ -65,7 +65,8 @@ from specialists.train import predict_proba
 # specialists.* overrides of each training variant; the config's own settings are "default"
 # Each variant sets every key it relies on: a frontier run forks a base run whose config.yaml holds the resolved
 # defaults (specialists.init=auto made concrete: character grams, 100,000 buckets)
-WORDS = ["specialists.ngrams=0", "specialists.char_ngrams=-1", "specialists.buckets=0"]  # the generalist's hashing
+# the generalist's hashing
+WORDS = ["specialists.ngrams=0", "specialists.char_ngrams=-1", "specialists.char_ngrams_min=0", "specialists.buckets=0"]
 VARIANTS = {
     "default": [],
     "generalist": ["specialists.init=generalist", *WORDS],  # the paper's start: the generalist's weights
@@ -78,12 +79,17 @@ VARIANTS = {
     # nor pulled towards its outputs
     "scratch_soft0": ["specialists.init=scratch", *WORDS, "specialists.soft_weight=0"],
     # fasttext: specialists that read character 1..3-grams beside the generalist's words, so they err differently
-    "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=0"],
+    "scratch_chars3": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.char_ngrams_min=1",
+                       "specialists.buckets=0"],
     # the same with half the embedding: cheaper a step, weaker an example (README, the frontier)
-    "scratch_chars3_d64": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=0",
-                           "specialists.embed_dim=64"],
-    # ... with half the hash buckets: what `specialists.init=auto` trains (README, the frontier)
-    "scratch_chars3_b100k": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.buckets=100000"],
+    "scratch_chars3_d64": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.char_ngrams_min=1",
+                           "specialists.buckets=0", "specialists.embed_dim=64"],
+    # ... with half the hash buckets (README, the frontier)
+    "scratch_chars3_b100k": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.char_ngrams_min=1",
+                             "specialists.buckets=100000"],
+    # ... without single characters (2..3-grams): what `specialists.init=auto` trains (README, the frontier)
+    "scratch_chars23_b100k": ["specialists.init=scratch", "specialists.char_ngrams=3", "specialists.char_ngrams_min=2",
+                              "specialists.buckets=100000"],
 }
 SPLITS = ("val", "test")
 

@@ -48,7 +48,8 @@ _FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w
 MAX_WIDTH = 1 << 16  # a hidden layer's units, an embedding's dimensions
 MAX_BUCKETS = 1 << 26  # hashed n-gram rows
 MAX_TABLE = 1 << 31  # weights of the embedding table (8 GiB of float32)
-FASTTEXT_SPECIALIST_CHAR_NGRAMS = 3  # what specialists.init=auto's fasttext specialists read beside the words
+FASTTEXT_SPECIALIST_CHAR_NGRAMS = 3  # what specialists.init=auto's fasttext specialists read beside the words:
+FASTTEXT_SPECIALIST_CHAR_NGRAMS_MIN = 2  # character 2..3-grams (README, the frontier)
 FASTTEXT_SPECIALIST_BUCKETS = 100_000  # ... into at most this many hash buckets (README, the frontier)
 
 
@@ -145,6 +146,7 @@ class ModelConfig:
     # fasttext: also the character 1..n-grams of each word; 0 = off. For text written
     # without spaces (Chinese, Japanese, Thai) set 2 or 3: a clause is one long word there.
     char_ngrams: int = 0
+    char_ngrams_min: int = 1  # fasttext: the shortest character grams (1: single characters too)
     jitter: int = 0  # cnn/mlp on images: random translation by up to this many pixels when training
     # A generalist you bring (name torch | hf | timm; adapters.py, README "Bring your own model"):
     factory: str = ""  # torch: "module:callable" returning your torch.nn.Module (your code: it is imported)
@@ -188,6 +190,8 @@ class ModelConfig:
         require(self.ngrams >= 1, f"{prefix}.ngrams", self.ngrams, "must be >= 1")
         require(0 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
                  "must be in [0, 8] (0 = off; 2 or 3 for text without spaces)")
+        require(1 <= self.char_ngrams_min <= max(self.char_ngrams, 1), f"{prefix}.char_ngrams_min",
+                 self.char_ngrams_min, f"must be in [1, {prefix}.char_ngrams={self.char_ngrams}]")
         require(0 <= self.jitter <= 64, f"{prefix}.jitter", self.jitter, "must be in [0, 64] pixels")
 
 
@@ -315,6 +319,7 @@ class SpecialistsConfig:
     # (0 / -1: the model's): specialists that read other features make errors of their own (README, the frontier)
     ngrams: int = 0
     char_ngrams: int = -1
+    char_ngrams_min: int = 0  # 0: model.char_ngrams_min
     embed_dim: int = 0  # with init=scratch and fasttext: the specialists' embedding size (0: model.embed_dim)
     buckets: int = 0  # with init=scratch and fasttext: the specialists' hash buckets (0: model.buckets)
     # Extra training compute of all specialists together, as a fraction of the generalist's examples_seen
@@ -327,7 +332,8 @@ class SpecialistsConfig:
     def hashing(self) -> dict:
         """The fasttext settings a specialist reads instead of the generalist's (empty: the same)."""
         return {**({"ngrams": self.ngrams} if self.ngrams else {}),
-                **({"char_ngrams": self.char_ngrams} if self.char_ngrams >= 0 else {})}
+                **({"char_ngrams": self.char_ngrams} if self.char_ngrams >= 0 else {}),
+                **({"char_ngrams_min": self.char_ngrams_min} if self.char_ngrams_min else {})}
 
     def fresh_network(self) -> dict:
         """The fasttext settings a specialist started afresh takes instead of the generalist's: its hashing,
@@ -352,6 +358,8 @@ class SpecialistsConfig:
         require(self.ngrams >= 0, f"{prefix}.ngrams", self.ngrams, "must be >= 0 (0 = model.ngrams)")
         require(-1 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
                  "must be in [-1, 8] (-1 = model.char_ngrams, 0 = none)")
+        require(0 <= self.char_ngrams_min <= 8, f"{prefix}.char_ngrams_min", self.char_ngrams_min,
+                 "must be in [0, 8] (0 = model.char_ngrams_min)")
         require(0 <= self.embed_dim <= MAX_WIDTH, f"{prefix}.embed_dim", self.embed_dim,
                 f"must be in [0, {MAX_WIDTH}] (0 = model.embed_dim)")
         require(self.buckets == 0 or 16 <= self.buckets <= MAX_BUCKETS, f"{prefix}.buckets", self.buckets,
@@ -454,8 +462,9 @@ class RunConfig:
     def with_model_defaults(self) -> RunConfig:
         """This config with `specialists.init=auto` made concrete for its model.
 
-        fasttext: scratch specialists that read character 1..FASTTEXT_SPECIALIST_CHAR_NGRAMS-grams beside the
-        generalist's words (unless specialists.char_ngrams is set), chosen on Banking77 validation errors (README,
+        fasttext: scratch specialists that read character FASTTEXT_SPECIALIST_CHAR_NGRAMS_MIN..
+        FASTTEXT_SPECIALIST_CHAR_NGRAMS-grams beside the generalist's words (unless specialists.char_ngrams or
+        char_ngrams_min is set), chosen on Banking77 validation errors (README,
         the accuracy-compute frontier), in at most FASTTEXT_SPECIALIST_BUCKETS hash buckets (unless
         specialists.buckets is set): on Banking77 no more validation errors than the generalist's 200,000, in half
         the memory and less time. Other models: the generalist's weights, the paper's start.
@@ -465,9 +474,11 @@ class RunConfig:
             return self
         if self.model.name == "fasttext":
             chars = FASTTEXT_SPECIALIST_CHAR_NGRAMS if s.char_ngrams == -1 else s.char_ngrams
+            shortest = s.char_ngrams_min or (FASTTEXT_SPECIALIST_CHAR_NGRAMS_MIN
+                                             if chars >= FASTTEXT_SPECIALIST_CHAR_NGRAMS_MIN else 0)
             buckets = s.buckets or (FASTTEXT_SPECIALIST_BUCKETS if self.model.buckets > FASTTEXT_SPECIALIST_BUCKETS
                                     else 0)
-            s = dataclasses.replace(s, init="scratch", char_ngrams=chars, buckets=buckets)
+            s = dataclasses.replace(s, init="scratch", char_ngrams=chars, char_ngrams_min=shortest, buckets=buckets)
         else:
             s = dataclasses.replace(s, init="generalist")
         return dataclasses.replace(self, specialists=s)
@@ -497,6 +508,10 @@ class RunConfig:
                     "needs model.name=fasttext and specialists.init=scratch: a specialist started from the "
                     f"generalist's weights must read its features and keep its sizes (specialists.{key}={model_own} "
                     "takes the model's)")
+        chars = self.model.char_ngrams if self.specialists.char_ngrams == -1 else self.specialists.char_ngrams
+        shortest = self.specialists.char_ngrams_min or self.model.char_ngrams_min
+        require(shortest <= max(chars, 1), "specialists.char_ngrams_min", shortest,
+                f"must be <= the specialists' char_ngrams={chars}")
         table = (self.specialists.buckets or self.model.buckets) * (self.specialists.embed_dim or self.model.embed_dim)
         require(table <= MAX_TABLE, "specialists.buckets", self.specialists.buckets or self.model.buckets,
                 f"with specialists.embed_dim={self.specialists.embed_dim or self.model.embed_dim} a specialist's "

@@ -133,7 +133,8 @@ def _encoders(model) -> tuple[list[torch.nn.Module], list[int]]:
 def _input_spec(generalist: torch.nn.Module, names: list[str], encoders: list[torch.nn.Module]) -> dict:
     if generalist.input_kind == "text":
         encodings = [{"buckets": m.buckets, "ngrams": m.ngrams, "char_ngrams": m.char_ngrams,
-                      "tokenizer": m.tokenizer, "function": "specialists.models.hash_ngrams"} for m in encoders]
+                      "char_ngrams_min": m.char_ngrams_min, "tokenizer": m.tokenizer,
+                      "function": "specialists.models.hash_ngrams"} for m in encoders]
         return {"kind": "text", "names": names, "dtypes": ["int64", "int64"], "encoding": encodings[0],
                 "encodings": encodings}
     return {"kind": generalist.input_kind, "names": names, "dtypes": ["float32"],

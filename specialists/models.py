@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -142,11 +142,12 @@ def tokenize(text: str, tokenizer: str = "unicode") -> list[str]:
     return (_WORD_NO_MARKS if text.isascii() else _unicode_word()).findall(text)
 
 
-def hash_ngrams(text: str, buckets: int, ngrams: int, char_ngrams: int = 0, tokenizer: str = "unicode") -> np.ndarray:
+def hash_ngrams(text: str, buckets: int, ngrams: int, char_ngrams: int = 0, tokenizer: str = "unicode",
+                char_ngrams_min: int = 1) -> np.ndarray:
     """Hashed features of `text`: ids in [0, buckets) (CRC32, stable across runs and machines).
 
     Word 1..`ngrams`-grams of `tokenize(text, tokenizer)`, plus, when
-    `char_ngrams` > 0, every 1..`char_ngrams`-character substring of each
+    `char_ngrams` > 0, every `char_ngrams_min`..`char_ngrams`-character substring of each
     word. Text written without spaces (Chinese, Japanese, Thai) is one long
     word per clause; its overlapping character grams are the features that
     carry its meaning. In spaced languages they let the forms of a word share
@@ -157,33 +158,35 @@ def hash_ngrams(text: str, buckets: int, ngrams: int, char_ngrams: int = 0, toke
     grams = [" ".join(words[i:i + n]) for n in range(1, ngrams + 1) for i in range(len(words) - n + 1)]
     ids = [zlib.crc32(g.encode()) % buckets for g in grams]
     if char_ngrams:
-        ids += itertools.chain.from_iterable(_char_gram_ids(w, buckets, char_ngrams) for w in words)
+        ids += itertools.chain.from_iterable(_char_gram_ids(w, buckets, char_ngrams, char_ngrams_min) for w in words)
     return np.array(ids, dtype=np.int64)
 
 
 CACHED_TEXT_CHARS = 256  # longer texts are hashed anew each time: the cache holds at most ~5 KB a text
 
 
-def _text_ids(text: str, buckets: int, ngrams: int, char_ngrams: int, tokenizer: str) -> np.ndarray:
+def _text_ids(text: str, buckets: int, ngrams: int, char_ngrams: int, tokenizer: str,
+              char_ngrams_min: int) -> np.ndarray:
     if len(text) > CACHED_TEXT_CHARS:
-        return hash_ngrams(text, buckets, ngrams, char_ngrams, tokenizer)
-    return _cached_text_ids(text, buckets, ngrams, char_ngrams, tokenizer)
+        return hash_ngrams(text, buckets, ngrams, char_ngrams, tokenizer, char_ngrams_min)
+    return _cached_text_ids(text, buckets, ngrams, char_ngrams, tokenizer, char_ngrams_min)
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def _cached_text_ids(text: str, buckets: int, ngrams: int, char_ngrams: int, tokenizer: str) -> np.ndarray:
+def _cached_text_ids(text: str, buckets: int, ngrams: int, char_ngrams: int, tokenizer: str,
+                     char_ngrams_min: int) -> np.ndarray:
     # Cached: a run hashes the same texts the same way in several stages (the generalist, its outputs, the
     # peers, the evaluation, the report) and in every specialist; read-only, since callers share the array.
-    ids = hash_ngrams(text, buckets, ngrams, char_ngrams, tokenizer)
+    ids = hash_ngrams(text, buckets, ngrams, char_ngrams, tokenizer, char_ngrams_min)
     ids.flags.writeable = False
     return ids
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _char_gram_ids(word: str, buckets: int, char_ngrams: int) -> tuple[int, ...]:
+def _char_gram_ids(word: str, buckets: int, char_ngrams: int, char_ngrams_min: int) -> tuple[int, ...]:
     # Cached: a corpus repeats its words, and a word's character grams are most of a text's hashing.
     return tuple(zlib.crc32((" " + word[i:i + n]).encode()) % buckets
-                 for n in range(1, char_ngrams + 1) for i in range(len(word) - n + 1))
+                 for n in range(char_ngrams_min, char_ngrams + 1) for i in range(len(word) - n + 1))
 
 
 # ---------------------------------------------------------------------------
@@ -209,6 +212,18 @@ def _random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
     return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols]
 
 
+def distinct_rows(ids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.unique(ids, return_inverse=True)` for ids in [0, n_rows): (the distinct ids in increasing
+    order, each id's position among them). Marked in a table of n_rows flags instead of sorted: a batch's
+    ids are many times fewer than a hashed embedding's rows, but sorting them costs more than the scan."""
+    seen = torch.zeros(n_rows, dtype=torch.bool, device=ids.device)
+    seen[ids] = True
+    rows = seen.nonzero().squeeze(1)
+    position = torch.empty(n_rows, dtype=torch.long, device=ids.device)
+    position[rows] = torch.arange(len(rows), device=ids.device)
+    return rows, position[ids]
+
+
 class FastText(nn.Module):
     """fastText-style classifier: mean of hashed word (and character) n-gram embeddings, then an MLP.
 
@@ -220,11 +235,14 @@ class FastText(nn.Module):
 
     def __init__(self, n_classes: int, buckets: int = 200_000, embed_dim: int = 128, ngrams: int = 2,
                  hidden: list[int] = (256,), dropout: float = 0.2, char_ngrams: int = 0,
-                 tokenizer: str = "unicode"):
+                 tokenizer: str = "unicode", char_ngrams_min: int = 1):
         super().__init__()
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={tokenizer!r} must be one of {TOKENIZERS}")
+        if not 1 <= char_ngrams_min <= max(char_ngrams, 1):
+            raise ValueError(f"char_ngrams_min={char_ngrams_min} must be in [1, char_ngrams={char_ngrams}]")
         self.buckets, self.ngrams, self.char_ngrams, self.tokenizer = buckets, ngrams, char_ngrams, tokenizer
+        self.char_ngrams_min = char_ngrams_min
         self.embedding = nn.EmbeddingBag(buckets, embed_dim, mode="mean", sparse=True)
         self.body, width = _mlp(embed_dim, list(hidden), dropout)
         self.head = nn.Linear(width, n_classes)
@@ -232,14 +250,15 @@ class FastText(nn.Module):
     def encode(self, texts) -> EncodedTexts:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("this model reads texts: pass a list of strings")
-        return EncodedTexts([_text_ids(t, self.buckets, self.ngrams, self.char_ngrams, self.tokenizer) for t in texts])
+        return EncodedTexts([_text_ids(t, self.buckets, self.ngrams, self.char_ngrams, self.tokenizer,
+                                       self.char_ngrams_min) for t in texts])
 
     def features(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if self.training and self.char_ngrams:
             # Character grams repeat within and across a batch's texts ("e", " th"): bagging each distinct
             # row once gives a sparse gradient of one row per distinct id, not one per occurrence, which
             # SparseAdam would sort and sum. The same rows in the same order: the same outputs.
-            rows, ids = torch.unique(ids, return_inverse=True)
+            rows, ids = distinct_rows(ids, self.buckets)
             bag = nn.functional.embedding_bag(ids, nn.functional.embedding(rows, self.embedding.weight, sparse=True),
                                               offsets, mode="mean")
             return self.body(bag)
@@ -378,8 +397,8 @@ def model_class(name: str) -> type[nn.Module]:
 # The version of a model spec ({"name", "version", "kwargs"}, a checkpoint's model.json).
 # A kwarg that a spec leaves out takes the default of the spec's version; load_checkpoint
 # writes out the defaults that changed since. 1 (no "version" field): fasttext read
-# "ascii" words. 2: "unicode" words and char_ngrams.
-SPEC_VERSION = 2
+# "ascii" words. 2: "unicode" words and char_ngrams. 3: char_ngrams_min.
+SPEC_VERSION = 3
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -404,7 +423,7 @@ def model_kwargs(cfg, input_kind: str, input_shape: tuple[int, ...], n_classes: 
             raise ConfigError(f"model.name=fasttext reads texts, but the data are {input_kind}; use mlp or cnn")
         return _sized(cfg.name, dict(n_classes=n_classes, buckets=cfg.buckets, embed_dim=cfg.embed_dim,
                                      ngrams=cfg.ngrams, hidden=list(cfg.hidden), dropout=cfg.dropout,
-                                     char_ngrams=cfg.char_ngrams))
+                                     char_ngrams=cfg.char_ngrams, char_ngrams_min=cfg.char_ngrams_min))
     if input_kind == "text":
         raise ConfigError(f"model.name={cfg.name} reads arrays, but the data are texts; use fasttext")
     kwargs = dict(n_classes=n_classes, input_shape=list(input_shape), hidden=list(cfg.hidden), dropout=cfg.dropout,
@@ -491,13 +510,37 @@ def is_trusted(path: str) -> bool:
     return path in _TRUSTED_FACTORIES or path in os.environ.get(TRUST_ENV, "").split(",")
 
 
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(model: nn.Module, folder: str | Path, extra: dict | None = None) -> Path:
     """Weights and spec into `folder`; `extra` is a note for people reading model.json, never read back."""
+    state = _weights(model)
+    return _write_checkpoint(folder, model.spec, lambda tmp: save_file(state, tmp), extra)
+
+
+def checkpoint_bytes(model: nn.Module) -> bytes:
+    """The model.safetensors that `save_checkpoint` writes, as bytes: made where the model was trained (a Ray
+    worker), so the process that saves it only writes them."""
+    return save(_weights(model))
+
+
+def save_checkpoint_bytes(folder: str | Path, spec: dict, weights, extra: dict | None = None) -> Path:
+    """`save_checkpoint` of a model sent as its spec and `checkpoint_bytes` (any bytes-like object)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(memoryview(weights).cast("B"))
+
+    return _write_checkpoint(folder, spec, write, extra)
+
+
+def _write_checkpoint(folder: str | Path, spec: dict, write_weights, extra: dict | None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
-    write_json(folder / "model.json", {**model.spec, **({"extra": extra} if extra else {})})
+    atomic_write(folder / "model.safetensors", write_weights)
+    write_json(folder / "model.json", {**spec, **({"extra": extra} if extra else {})})
     return folder
 
 
@@ -564,7 +607,7 @@ def encoding_key(model: nn.Module) -> tuple | None:
     """Models with equal keys encode raw inputs alike: a fasttext model's hashing settings. None for every
     other kind: its specialists keep their generalist's encoding (the buffers `with_fresh_weights` keeps)."""
     if isinstance(model, FastText):
-        return model.buckets, model.ngrams, model.char_ngrams, model.tokenizer
+        return model.buckets, model.ngrams, model.char_ngrams, model.tokenizer, model.char_ngrams_min
     return None
 
 
@@ -574,7 +617,7 @@ def with_fresh_weights(model: nn.Module, **settings) -> nn.Module:
     Buffers, which hold the input encoding (a feature standardisation fitted
     on the training data), are kept: only what training learns starts anew.
     settings: constructor settings to take instead of its own (a fasttext model's `ngrams`, `char_ngrams`,
-    `embed_dim`, `buckets`).
+    `char_ngrams_min`, `embed_dim`, `buckets`).
     """
     fresh = create_model(model.spec["name"], **{**model.spec["kwargs"], **settings})
     params, kept = {name for name, _ in fresh.named_parameters()}, model.state_dict()

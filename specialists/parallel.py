@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import ray
 import torch
 from ray.exceptions import RayError
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RayConfig, RunConfig
 from .data import Dataset
-from .models import load_checkpoint, read_only_arrays_shared
+from .models import checkpoint_bytes, load_checkpoint, read_only_arrays_shared
 from .rundir import RunDir, read_json
 from .runtime import set_malloc_thresholds
 from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, finished_specialist, model_from_arrays,
@@ -391,8 +392,10 @@ def train_specialist_task(shared: dict, data: SpecialistData, cfg: RunConfig, th
     with read_only_arrays_shared():  # the object store's arrays: the specialist only reads them
         result = train_specialist(generalist, data, shared["val"], cfg,
                                   device=torch.device("cuda" if use_gpu else "cpu"), desc=f"specialist {m}")
-    spec, state = model_to_arrays(result.model)
-    return {"spec": spec, "state": state, "history": result.train.history, "metrics": {"id": m, **result.metrics},
+    # the weights file's bytes, made here: the driver only writes them (uint8: Ray ships arrays without a copy)
+    weights = np.frombuffer(checkpoint_bytes(result.model), dtype=np.uint8)
+    return {"spec": result.model.spec, "weights": weights, "history": result.train.history,
+            "metrics": {"id": m, **result.metrics},
             "worker": {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                        "pid": os.getpid()}}
 
@@ -510,9 +513,8 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
                     failed(m, str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__,
                            " after retries")
                     continue
-                model = model_from_arrays(result["spec"], result["state"])
                 info = _specialist_info(cfg, dataset, m, groups[m], result, sha)
-                save_specialist(specialist_dir(run, m), model, info, result["history"])
+                save_specialist(specialist_dir(run, m), result["spec"], result["weights"], info, result["history"])
                 done.append(m)
                 bar.update(1)
                 with tqdm.external_write_mode():

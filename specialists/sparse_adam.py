@@ -46,7 +46,7 @@ class RowSparseAdam(torch.optim.SparseAdam):
 def _step_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float,
                lr: float, maximize: bool) -> None:
     """torch.optim._functional.sparse_adam for one parameter, its masks as row indexing."""
-    grad = (-grad if maximize else grad).coalesce()  # the update is non-linear: one row per index
+    grad = _coalesced(-grad if maximize else grad)  # the update is non-linear: one row per index
     if grad._values().numel() == 0:
         return
     if grad.sparse_dim() != 1:
@@ -65,3 +65,14 @@ def _step_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, beta1: floa
     step = state["step"]
     step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
     param.index_add_(0, rows, -step_size * numer.div_(denom))
+
+
+def _coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """`grad.coalesce()`, without its sort where the rows are already distinct and increasing (a fastText
+    model with character grams bags each distinct row once a batch, `models.distinct_rows`): the same
+    indices and values either way."""
+    if not grad.is_coalesced() and grad.sparse_dim() == 1:
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return grad._coalesced_(True)
+    return grad.coalesce()

@@ -35,7 +35,7 @@ from .config import RunConfig
 from .data import Split
 from .distill import collapse_labels, distillation_loss
 from .dustbin import dustbin_correction, dustbin_corrected, soften_collapsed
-from .models import (CheckpointError, load_checkpoint, model_to_load, read_only_arrays_shared, save_checkpoint,
+from .models import (CheckpointError, load_checkpoint, model_to_load, read_only_arrays_shared, save_checkpoint_bytes,
                      with_dustbin_head, with_fresh_weights)
 from .rundir import RunDir, RunDirError, read_json, write_json
 from .specialist_data import SpecialistData, logits_by_batch, specialist_train_config
@@ -209,14 +209,16 @@ def read_groups(run: RunDir, class_names: list[str], n_outputs: int) -> list[lis
     return groups
 
 
-def save_specialist(folder: Path, model: nn.Module, info: dict, history: list[dict]) -> None:
-    """Weights, training curve, then `specialist.json` last (atomic writes; a kill leaves it absent)."""
+def save_specialist(folder: Path, spec: dict, weights, info: dict, history: list[dict]) -> None:
+    """Weights (`models.checkpoint_bytes`, as a worker sends them), training curve, then `specialist.json`
+    last (atomic writes; a kill leaves it absent)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPECIALIST_FILE).unlink(missing_ok=True)  # the folder is unfinished until it is rewritten
-    save_checkpoint(model, folder, extra={"specialist": {k: info[k] for k in ("classes", "dustbin_correction")}})
+    save_checkpoint_bytes(folder, spec, weights,
+                          extra={"specialist": {k: info[k] for k in ("classes", "dustbin_correction")}})
     write_json(folder / "history.json", history)
     # the weights' hash, so a resume can tell these weights from a file damaged or replaced since
-    write_json(folder / SPECIALIST_FILE, {**info, "weights_sha256": file_sha256(folder / "model.safetensors")})
+    write_json(folder / SPECIALIST_FILE, {**info, "weights_sha256": hashlib.sha256(weights).hexdigest()})
 
 
 def finished_specialist(folder: Path, classes: list[int], generalist_sha256: str) -> dict | None:

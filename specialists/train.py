@@ -193,12 +193,15 @@ def train_model(
     sample = sample or (lambda epoch, rng: rng.permutation(len(train_labels)))
 
     best_accuracy, best_epoch, best_state = -1.0, 0, None
+    best_is_current = False  # the weights now are the best epoch's, not yet copied (the last epoch's need no copy)
     history, seen, started, planned = [], 0, time.perf_counter(), None
     cpu_started = time.process_time()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         if max_examples and seen >= max_examples:
             break
+        if best_is_current:  # this epoch changes them
+            best_state, best_is_current = _kept(model.state_dict(), best_state), False
         model.train()
         order = sample(epoch, rng)
         if max_examples:
@@ -234,13 +237,13 @@ def train_model(
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{val_accuracy:.4f}")
         if val_accuracy > best_accuracy:
-            best_accuracy, best_epoch = val_accuracy, epoch
-            best_state = _kept(model.state_dict(), best_state)
+            best_accuracy, best_epoch, best_is_current = val_accuracy, epoch, True
         elif cfg.patience and epoch - best_epoch >= cfg.patience:
             break
     bar.close()
 
-    model.load_state_dict(best_state)
+    if not best_is_current:
+        model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch, best_accuracy, len(history), seen, time.perf_counter() - started, history,
                        time.process_time() - cpu_started)

@@ -65,6 +65,10 @@ def test_dumped_config_round_trips(tmp_path):
     ("specialists.init=random", "specialists.init='random'"),
     ("specialists.ngrams=-1", "specialists.ngrams=-1"),
     ("specialists.char_ngrams=9", "specialists.char_ngrams=9"),
+    ("specialists.char_ngrams_min=-1", "specialists.char_ngrams_min=-1"),
+    ("specialists.char_ngrams_min=4", "specialists.char_ngrams_min=4"),  # above the specialists' char_ngrams=3
+    ("model.char_ngrams_min=0", "model.char_ngrams_min=0"),
+    ("model.char_ngrams_min=2", "model.char_ngrams_min=2"),  # the model reads no character grams
     ("specialists.embed_dim=-1", "specialists.embed_dim=-1"),
     ("specialists.buckets=-1", "specialists.buckets=-1"),
     ("specialists.buckets=8", "specialists.buckets=8"),
@@ -93,7 +97,9 @@ def test_specialists_hashing_needs_fasttext_and_a_scratch_start():
     with pytest.raises(ConfigError, match=r"specialists.embed_dim=64: needs model.name=fasttext"):
         load_config("configs/synthetic.yaml", ["specialists.init=scratch", "specialists.embed_dim=64"])
     assert load_config(None, ["specialists.embed_dim=64"]).specialists.fresh_network() == {
-        "char_ngrams": 3, "embed_dim": 64, "buckets": 100_000}
+        "char_ngrams": 3, "char_ngrams_min": 2, "embed_dim": 64, "buckets": 100_000}
+    with pytest.raises(ConfigError, match=r"specialists.char_ngrams_min=2: needs .*specialists.init=scratch"):
+        load_config(None, ["specialists.init=generalist", "specialists.char_ngrams_min=2"])
     with pytest.raises(ConfigError, match=r"specialists.buckets=5000: needs .*specialists.init=scratch"):
         load_config(None, ["specialists.init=generalist", "specialists.buckets=5000"])  # its table's size
     with pytest.raises(ConfigError, match=r"specialists.buckets=5000: needs model.name=fasttext"):
@@ -111,9 +117,13 @@ def test_a_saved_default_config_restarted_from_the_generalist_is_told_which_keys
     with pytest.raises(ConfigError, match=r"specialists.char_ngrams=3: .*\(specialists.char_ngrams=-1 takes the "
                                           r"model's\)"):
         load_config(saved, ["specialists.init=generalist"])
-    with pytest.raises(ConfigError, match=r"specialists.buckets=100000: .*\(specialists.buckets=0 takes the model's\)"):
+    with pytest.raises(ConfigError, match=r"specialists.char_ngrams_min=2: .*\(specialists.char_ngrams_min=0 takes "):
         load_config(saved, ["specialists.init=generalist", "specialists.char_ngrams=-1"])
-    reset = load_config(saved, ["specialists.init=generalist", "specialists.char_ngrams=-1", "specialists.buckets=0"])
+    with pytest.raises(ConfigError, match=r"specialists.buckets=100000: .*\(specialists.buckets=0 takes the model's\)"):
+        load_config(saved, ["specialists.init=generalist", "specialists.char_ngrams=-1",
+                            "specialists.char_ngrams_min=0"])
+    reset = load_config(saved, ["specialists.init=generalist", "specialists.char_ngrams=-1",
+                                "specialists.char_ngrams_min=0", "specialists.buckets=0"])
     assert reset.specialists == load_config(None, ["specialists.init=generalist"]).specialists
 
 
@@ -125,6 +135,17 @@ def test_a_saved_default_config_restarted_from_the_generalist_is_told_which_keys
 ])
 def test_auto_fasttext_specialists_hash_into_at_most_100k_buckets(overrides, buckets):
     assert load_config(None, overrides).specialists.buckets == buckets
+
+
+@pytest.mark.parametrize("overrides, shortest", [
+    ([], 2),  # character 2..3-grams: fewer validation errors than 1..3 (README, the frontier)
+    (["specialists.char_ngrams_min=1"], 1),  # what a user sets is kept
+    (["specialists.char_ngrams=1"], 0),  # single characters only: the model's shortest, 1
+    (["specialists.init=scratch"], 0),  # a start the user names keeps the model's hashing
+])
+def test_auto_fasttext_specialists_read_character_grams_from_two_characters(overrides, shortest):
+    cfg = load_config(None, overrides)
+    assert cfg.specialists.char_ngrams_min == shortest
 
 
 @pytest.mark.parametrize("path, overrides, init, char_ngrams", [

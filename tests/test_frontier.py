@@ -67,7 +67,10 @@ def test_the_default_variants_are_the_papers_start_and_fresh_ones_each_a_valid_c
     starts = {v: load_config(base, VARIANTS[v]).specialists for v in variants}
     assert (starts["generalist"].init, starts["generalist"].fresh_network()) == ("generalist", {})
     assert (starts["scratch"].init, starts["scratch"].fresh_network()) == ("scratch", {})  # the generalist's grams
-    if "scratch_chars3" in starts:
-        assert starts["scratch_chars3"].fresh_network() == {"char_ngrams": 3}  # and the generalist's buckets
+    if "scratch_chars3" in starts:  # 1..3-grams, and the generalist's buckets
+        assert starts["scratch_chars3"].fresh_network() == {"char_ngrams": 3, "char_ngrams_min": 1}
         assert load_config(base, VARIANTS["scratch_chars3_b100k"]).specialists.fresh_network() == {
-            "char_ngrams": 3, "buckets": 100_000}  # what the base config's own specialists train
+            "char_ngrams": 3, "char_ngrams_min": 1, "buckets": 100_000}
+        own = load_config(base).specialists  # what the base config's own specialists train
+        assert load_config(base, VARIANTS["scratch_chars23_b100k"]).specialists == own
+        assert own.fresh_network() == {"char_ngrams": 3, "char_ngrams_min": 2, "buckets": 100_000}

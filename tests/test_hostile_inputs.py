@@ -26,8 +26,8 @@ from conftest import write_csv
 from specialists.cli import user_errors
 from specialists.config import ConfigError, TrainConfig, dump_config, load_config
 from specialists.data import DataError, check_run_fits_data, load_dataset
-from specialists.models import (CheckpointError, create_model, load_checkpoint, model_kwargs, resolve_device,
-                                save_checkpoint, with_dustbin_head)
+from specialists.models import (CheckpointError, checkpoint_bytes, create_model, load_checkpoint, model_kwargs,
+                                resolve_device, save_checkpoint, save_checkpoint_bytes, with_dustbin_head)
 from specialists.rundir import write_json, write_text
 from specialists.specialist import file_sha256, save_specialist
 from specialists.train import TrainingError, train_model
@@ -306,7 +306,8 @@ def make_run(root: Path, kind: str = "text", n_classes: int = 4, groups=((0, 1),
     for m, group in enumerate(groups):
         info = {"id": m, "classes": list(group), "names": [names[c] for c in group], "dustbin_correction": 0.1,
                 "dustbin_correction_active_top1": -0.2, "generalist_sha256": sha}
-        save_specialist(root / "specialists" / str(m), with_dustbin_head(generalist, group), info, [])
+        specialist = with_dustbin_head(generalist, group)
+        save_specialist(root / "specialists" / str(m), specialist.spec, checkpoint_bytes(specialist), info, [])
     return root
 
 
@@ -421,6 +422,17 @@ def test_untrusted_run_directory_is_refused_at_load(tmp_path, case):
         specialists.load(run, device="cpu")
     assert str(offender) in str(err.value) and expect in str(err.value)
     assert snapshot(run) == before  # loading writes nothing
+
+
+def test_a_checkpoint_sent_as_bytes_is_the_file_save_checkpoint_writes(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("fasttext", n_classes=4, buckets=64, embed_dim=4, hidden=[8], char_ngrams=2)
+    save_checkpoint(model, tmp_path / "saved", extra={"note": 1})
+    weights = np.frombuffer(checkpoint_bytes(model), dtype=np.uint8)  # as a Ray worker sends them
+    save_checkpoint_bytes(tmp_path / "sent", model.spec, weights, extra={"note": 1})
+    assert snapshot(tmp_path / "sent") == snapshot(tmp_path / "saved")
+    loaded = load_checkpoint(tmp_path / "sent")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_huge_checkpoint_is_refused_before_allocation(tmp_path):

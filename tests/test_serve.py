@@ -16,6 +16,7 @@ from specialists.combine import solve
 from specialists.config import load_config
 from specialists.combine import combine_outputs
 from specialists.export import ExportError, encoded_inputs, export_run
+from specialists.models import hash_ngrams
 from specialists.rundir import RunDir
 from specialists.runtime import dataset_for_run
 from specialists.stages import run_pipeline
@@ -274,11 +275,12 @@ def test_export_torchscript_reproduces_predict_proba(feature_run, text_run, tmp_
 
 
 def test_an_export_whose_specialists_hash_character_grams_takes_one_encoding_each(text_run, tmp_path):
-    """The default fasttext specialists read character 1..3-grams beside the generalist's words."""
+    """The default fasttext specialists read character 2..3-grams beside the generalist's words."""
     folder = export_run(text_run, tmp_path / "out", "torchscript", log=quiet)
     spec = json.loads((folder / "export.json").read_text())
     words, chars = spec["input"]["encodings"]
     assert spec["input"]["encoding"] == words and (words["char_ngrams"], chars["char_ngrams"]) == (0, 3)
+    assert chars["char_ngrams_min"] == 2  # character 2..3-grams
     assert (words["buckets"], chars["buckets"]) == (4096, 2048)  # specialists.buckets: a smaller table of their own
     assert [f["encoding"] for f in spec["full_models"]] == [0]
     assert {s["encoding"] for s in spec["specialists"]} == {1}
@@ -286,6 +288,10 @@ def test_an_export_whose_specialists_hash_character_grams_takes_one_encoding_eac
     inputs = split_of(text_run).inputs
     per_encoding = encoded_inputs(model, inputs)
     assert len(per_encoding) == 2
+    for encoding, (ids, offsets) in zip((words, chars), per_encoding):  # export.json says how to hash a text
+        hashing = {k: v for k, v in encoding.items() if k != "function"}
+        assert encoding["function"] == "specialists.models.hash_ngrams"
+        np.testing.assert_array_equal(ids[:offsets[1]], hash_ngrams(inputs[0], **hashing))
     with pytest.raises(ValueError, match="read 2 encodings of the inputs"):
         exported_proba(folder, per_encoding[0], "torchscript")  # the generalist's encoding alone
     np.testing.assert_allclose(exported_proba(folder, per_encoding, "torchscript"), model.predict_proba(inputs),

@@ -117,6 +117,21 @@ def test_char_ngrams_is_validated_and_reaches_the_model():
             load_config(None, [f"model.char_ngrams={bad}"])
 
 
+def test_char_ngrams_min_leaves_out_the_shorter_grams_and_reaches_the_model():
+    # "card": 4 + 3 + 2 character 1..3-grams; from 2 characters, 3 + 2
+    assert len(hash_ngrams("card", 1 << 20, 1, char_ngrams=3)) == 1 + 9
+    shorter = hash_ngrams("card", 1 << 20, 1, char_ngrams=3, char_ngrams_min=2)
+    assert len(shorter) == 1 + 5
+    assert set(shorter) < set(hash_ngrams("card", 1 << 20, 1, char_ngrams=3))  # the same ids, fewer of them
+    cfg = load_config(None, ["model.char_ngrams=3", "model.char_ngrams_min=2"])
+    model = create_model("fasttext", **model_kwargs(cfg.model, "text", (), 4))
+    assert model.spec["kwargs"]["char_ngrams_min"] == 2
+    np.testing.assert_array_equal(model.encode(["card"]).ids[0], hash_ngrams("card", cfg.model.buckets, 2, 3,
+                                                                             char_ngrams_min=2))
+    with pytest.raises(ValueError, match="char_ngrams_min=4"):
+        create_model("fasttext", n_classes=3, buckets=64, char_ngrams=3, char_ngrams_min=4)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -160,6 +175,16 @@ def test_old_checkpoint_predicts_as_before(tmp_path):
     specialist = with_dustbin_head(old, [0, 2])
     assert specialist.tokenizer == "ascii"
     np.testing.assert_array_equal(specialist.encode(TEXTS).ids[2], old.encode(TEXTS).ids[2])
+
+
+def test_a_version_2_checkpoint_reads_character_grams_from_one_character(tmp_path):
+    save_checkpoint(create_model("fasttext", n_classes=3, buckets=64, embed_dim=4, hidden=[4], char_ngrams=3), tmp_path)
+    spec = json.loads((tmp_path / "model.json").read_text())
+    assert "char_ngrams_min" not in spec["kwargs"]  # as version 2 wrote them
+    (tmp_path / "model.json").write_text(json.dumps({**spec, "version": 2}))
+    model = load_checkpoint(tmp_path)
+    assert model.char_ngrams_min == 1
+    np.testing.assert_array_equal(model.encode(["card"]).ids[0], hash_ngrams("card", 64, 2, 3))
 
 
 @pytest.mark.parametrize("version", [SPEC_VERSION + 1, 0, "2", True])

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from specialists.config import TrainConfig
-from specialists.models import create_model
+from specialists.models import create_model, distinct_rows
 from specialists.sparse_adam import RowSparseAdam
-from specialists.train import cross_entropy, train_model
+from specialists.train import accuracy, cross_entropy, train_model
 
 
 def row_norms(model) -> list[float]:
@@ -67,6 +67,35 @@ def test_the_model_returned_holds_its_best_validation_epochs_weights():
     assert not all(torch.equal(model.state_dict()[k], after_epoch[11][k]) for k in best)
 
 
+def test_the_last_epoch_when_best_is_returned_as_trained():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(240, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)  # learnable: the second epoch scores higher than the first
+    torch.manual_seed(0)
+    model = create_model("mlp", n_classes=2, input_shape=[6], hidden=[16], dropout=0.0)
+    model.fit_normalizer(x)
+    after_first = {}
+
+    def sample(epoch, rng):
+        if epoch == 2:
+            after_first.update({k: v.clone() for k, v in model.state_dict().items()})
+        return rng.permutation(240)
+
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.005, patience=0)
+    result = train_model(model, model.encode(x), y, model.encode(x[:120]), y[:120], cfg, seed=0, sample=sample,
+                         progress=False)
+    assert result.best_epoch == 2 and result.history[1]["val_accuracy"] > result.history[0]["val_accuracy"]
+    assert not all(torch.equal(model.state_dict()[k], after_first[k]) for k in after_first)  # not the first's
+    assert result.best_val_accuracy == accuracy(model, model.encode(x[:120]), y[:120], 256, "cpu")
+
+
+def test_distinct_rows_equals_torch_unique():
+    for ids in (torch.randint(0, 50, (300,)), torch.tensor([7, 7, 7]), torch.zeros(0, dtype=torch.long)):
+        rows, position = distinct_rows(ids, 50)
+        expected_rows, expected_position = torch.unique(ids, return_inverse=True)
+        assert torch.equal(rows, expected_rows) and torch.equal(position, expected_position)
+
+
 def test_character_gram_training_bags_each_distinct_row_once_with_the_same_outputs_and_gradients():
     texts = ["the cat sat on the mat", "a tattered hat", "that is that"]
     torch.manual_seed(0)
@@ -87,14 +116,18 @@ def test_character_gram_training_bags_each_distinct_row_once_with_the_same_outpu
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-def test_row_sparse_adam_steps_exactly_as_torchs_sparse_adam(maximize):
+@pytest.mark.parametrize("rows_of", ["repeated", "distinct"])
+def test_row_sparse_adam_steps_exactly_as_torchs_sparse_adam(maximize, rows_of):
     torch.manual_seed(0)
     start = torch.randn(500, 8)
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     optimizers = [(ours, RowSparseAdam([ours], lr=0.01, maximize=maximize)),
                   (theirs, torch.optim.SparseAdam([theirs], lr=0.01, maximize=maximize))]
     for _ in range(25):
-        rows = torch.randint(0, 500, (200,))  # repeated rows: an uncoalesced gradient, as EmbeddingBag gives
+        if rows_of == "repeated":  # an uncoalesced gradient, as EmbeddingBag gives
+            rows = torch.randint(0, 500, (200,))
+        else:  # distinct and increasing, as the character-gram path gives: stepped without coalescing
+            rows = torch.randperm(500)[:200].sort().values
         values = torch.randn(200, 8)
         for param, optimizer in optimizers:
             param.grad = torch.sparse_coo_tensor(rows[None], values, param.shape, check_invariants=True)
