@@ -54,7 +54,7 @@ from .models import checkpoint_bytes, load_checkpoint, read_only_arrays_shared
 from .rundir import RunDir, read_json
 from .runtime import set_malloc_thresholds
 from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, finished_specialist, model_from_arrays,
-                         model_to_arrays, read_groups, save_specialist, specialist_dir, specialists_summary,
+                         model_to_arrays, read_groups, reads_generalist_weights, save_specialist, specialist_dir, specialists_summary,
                          train_specialist)
 from .specialist_data import (ShardStore, SpecialistData, budget_shares, cut_generalist_outputs, plan_specialist,
                               specialist_data)
@@ -493,7 +493,7 @@ def _train_on_ray(cfg: RunConfig, dataset: Dataset, run: RunDir, generalist: tor
                 f"{time.perf_counter() - started:.1f}s ({store.spilled_bytes / 2**20:.0f} MiB spilled to disk)")
             profile["cut_seconds"] = round(time.perf_counter() - started, 3)
             started = time.perf_counter()
-            spec, state = model_to_arrays(generalist)
+            spec, state = model_to_arrays(generalist, parameters=reads_generalist_weights(cfg.specialists))
             shared = ray.put({"generalist": {"spec": spec, "state": state}, "val": dataset.val})
             del state, warming  # never waited on: a specialist may start on a worker that is still warming
             # the longest first (planned examples), so that the last one to finish is a short one

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import RunConfig, SpecialistsConfig
 from .data import Split
 from .distill import collapse_labels, distillation_loss
 from .dustbin import dustbin_correction, dustbin_corrected, soften_collapsed
@@ -78,6 +78,12 @@ class SpecialistResult:
     metrics: dict
 
 
+def reads_generalist_weights(s: SpecialistsConfig) -> bool:
+    """Whether a specialist reads its generalist's weights: a scratch one of the generalist's widths reads only
+    its spec and buffers (the input encoding), so its generalist may be sent without them."""
+    return s.init != "scratch" or s.widen != 1
+
+
 def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cfg: RunConfig, *,
                      device: torch.device | str = "cpu", progress: bool = False,
                      desc: str = "specialist") -> SpecialistResult:
@@ -93,9 +99,12 @@ def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cf
     k = len(classes)
 
     seed_everything(plan.seed)  # the widened units' fresh weights, or all of them
-    model = with_dustbin_head(generalist, classes, widen=s.widen)
-    if s.init == "scratch":
-        model = with_fresh_weights(model, **s.fresh_network())
+    if not reads_generalist_weights(s):  # the same draws as below, without copying weights to draw over
+        model = with_fresh_weights(generalist, n_classes=k + 1, **s.fresh_network())
+    else:
+        model = with_dustbin_head(generalist, classes, widen=s.widen)
+        if s.init == "scratch":
+            model = with_fresh_weights(model, **s.fresh_network())
     correction = dustbin_correction(plan.fraction, plan.natural_fraction)
     prior_shift = correction if s.dustbin_correction == "prior" else 0.0
     stored_correction = 0.0 if s.dustbin_correction == "none" else correction
@@ -340,12 +349,19 @@ def specialists_done(run: RunDir) -> bool:
 
 
 def model_from_arrays(spec: dict, state: dict[str, np.ndarray]) -> nn.Module:
-    """Rebuild a model shipped as its spec and numpy weights (e.g. through Ray's object store)."""
+    """Rebuild a model shipped as its spec and numpy weights (e.g. through Ray's object store). Sent without
+    its parameters (`model_to_arrays(parameters=False)`), it holds its buffers and unset parameters."""
     model = model_to_load(spec["name"], spec["kwargs"])
+    parameters = {name for name, _ in model.named_parameters()}
+    strict = not parameters.isdisjoint(state)
+    if not strict and set(model.state_dict()) - parameters != set(state):
+        raise ValueError(f"a {spec['name']} model sent without its parameters must hold all of its buffers")
     with read_only_arrays_shared():  # load_state_dict copies them into the model's own weights
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=strict)
     return model
 
 
-def model_to_arrays(model: nn.Module) -> tuple[dict, dict[str, np.ndarray]]:
-    return model.spec, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+def model_to_arrays(model: nn.Module, parameters: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """(spec, numpy state); parameters=False: the buffers alone."""
+    names = set() if parameters else {name for name, _ in model.named_parameters()}
+    return model.spec, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k not in names}

@@ -27,7 +27,8 @@ from specialists.parallel import ray_session, train_specialists
 from specialists.rundir import RunDir, RunDirError
 from specialists.runtime import dataset_for_run
 from specialists.dustbin import EnrichedSampler, dustbin_correction, dustbin_corrected, specialist_soft_targets
-from specialists.specialist import conditional_accuracy, load_specialist, train_specialist
+from specialists.specialist import (conditional_accuracy, load_specialist, model_from_arrays, model_to_arrays,
+                                    reads_generalist_weights, train_specialist)
 from specialists.specialist_data import ShardStore, cut_generalist_outputs, plan_specialist, specialist_data
 from specialists.stages import run_pipeline
 from specialists.train import predict_logits
@@ -208,6 +209,36 @@ def test_the_correction_calibrates_a_confusable_dustbin(tiny_run, tmp_path):
     raw_error = abs(m["val_dustbin_prob_raw"] - m["val_dustbin_share"])
     corrected_error = abs(m["val_dustbin_prob_corrected"] - m["val_dustbin_share"])
     assert corrected_error < 0.05 and corrected_error < raw_error / 2
+
+
+def test_a_scratch_specialist_reads_only_its_generalists_spec_and_buffers(tiny_run, tmp_path):
+    run = RunDir(tiny_run)
+    _, dataset = dataset_for_run(run)
+    generalist = load_checkpoint(run.generalist)
+    cfg = tiny_config("specialists.init=scratch", "specialists.epochs=1")
+    assert not reads_generalist_weights(cfg.specialists)
+    assert reads_generalist_weights(tiny_config("specialists.init=generalist").specialists)
+    assert reads_generalist_weights(tiny_config("specialists.init=scratch", "specialists.widen=2").specialists)
+    classes = [0, 3, 5, 8]
+    # its start: the network a dustbin head on the generalist would have, drawn afresh from its seed
+    starts = []
+    for build in (lambda: with_fresh_weights(with_dustbin_head(generalist, classes)),
+                  lambda: with_fresh_weights(generalist, n_classes=len(classes) + 1)):
+        torch.manual_seed(7)
+        starts.append(build().state_dict())
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]) and starts[0].keys() == starts[1].keys()
+    # so the generalist is sent to its worker without its weights, and it trains the same specialist
+    spec, state = model_to_arrays(generalist, parameters=False)
+    assert state and all(name.startswith("input_") for name in state)  # the input standardisation alone
+    sent = model_from_arrays(spec, state)
+    plan = plan_specialist(2, classes, dataset, cfg)
+    store = ShardStore(tmp_path)
+    val_top1 = cut_generalist_outputs(generalist, dataset, [plan], store, 256, "cpu")
+    data = specialist_data(plan, dataset, store, val_top1)
+    trained = [train_specialist(g, data, dataset.val, cfg).model.state_dict() for g in (generalist, sent)]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    with pytest.raises(ValueError, match="all of its buffers"):
+        model_from_arrays(spec, {})
 
 
 @pytest.mark.parametrize("init", ["generalist", "scratch"])
