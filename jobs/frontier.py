@@ -64,8 +64,7 @@ from specialists.train import predict_proba
 
 # specialists.* overrides of each training variant; the config's own settings are "default"
 # Each variant sets every key it relies on: a frontier run forks a base run whose config.yaml holds the resolved
-# defaults (specialists.init=auto made concrete: character grams, 100,000 buckets)
-# the generalist's hashing
+# defaults (specialists.init=auto made concrete: character grams, 100,000 buckets). WORDS: the generalist's hashing.
 WORDS = ["specialists.ngrams=0", "specialists.char_ngrams=-1", "specialists.char_ngrams_min=0", "specialists.buckets=0"]
 VARIANTS = {
     "default": [],

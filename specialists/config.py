@@ -191,7 +191,8 @@ class ModelConfig:
         require(0 <= self.char_ngrams <= 8, f"{prefix}.char_ngrams", self.char_ngrams,
                  "must be in [0, 8] (0 = off; 2 or 3 for text without spaces)")
         require(1 <= self.char_ngrams_min <= max(self.char_ngrams, 1), f"{prefix}.char_ngrams_min",
-                 self.char_ngrams_min, f"must be in [1, {prefix}.char_ngrams={self.char_ngrams}]")
+                 self.char_ngrams_min, f"must be in [1, {prefix}.char_ngrams] (here {self.char_ngrams}; 1 when the "
+                 "model reads no character grams)")
         require(0 <= self.jitter <= 64, f"{prefix}.jitter", self.jitter, "must be in [0, 64] pixels")
 
 
@@ -511,7 +512,7 @@ class RunConfig:
         chars = self.model.char_ngrams if self.specialists.char_ngrams == -1 else self.specialists.char_ngrams
         shortest = self.specialists.char_ngrams_min or self.model.char_ngrams_min
         require(shortest <= max(chars, 1), "specialists.char_ngrams_min", shortest,
-                f"must be <= the specialists' char_ngrams={chars}")
+                f"must be <= the specialists' char_ngrams={chars} (1 when they read no character grams)")
         table = (self.specialists.buckets or self.model.buckets) * (self.specialists.embed_dim or self.model.embed_dim)
         require(table <= MAX_TABLE, "specialists.buckets", self.specialists.buckets or self.model.buckets,
                 f"with specialists.embed_dim={self.specialists.embed_dim or self.model.embed_dim} a specialist's "
