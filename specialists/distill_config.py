@@ -87,6 +87,9 @@ class TransferConfig:
     # texts token_dropout | span_mask | swap, vectors and images noise | jitter | mixup; each copy draws one of these
     augment: list[str] = field(default_factory=list)
     copies: int = 1  # augmented copies per training example (with augment)
+    # true: each augmented copy is drawn anew whenever a batch holds it, and the teacher labels it there (student and
+    # teacher see the same input: consistent teaching); false: drawn once and labelled once, before training
+    fresh: bool = False
     strength: float = 0.15  # token share dropped / masked / swapped; noise sd and jitter in feature sds; mixup's alpha
     # >= 2: out-of-fold teacher targets on the training examples: K runs of the teacher, each trained without one fold
     # (generalist and specialists), label the fold they did not see; 0: the teacher run labels its own training set
@@ -106,6 +109,10 @@ class TransferConfig:
         require(1 <= self.copies <= 100, f"{prefix}.copies", self.copies, "must be in [1, 100]")
         require(math.isfinite(self.strength) and 0 < self.strength <= 1, f"{prefix}.strength", self.strength,
                  "must be in (0, 1]")
+        require(not self.fresh or bool(self.augment), f"{prefix}.fresh", self.fresh,
+                 "draws the augmented copies afresh: set transfer.augment too")
+        require(not (self.fresh and self.folds), f"{prefix}.fresh", self.fresh,
+                 f"out-of-fold targets (transfer.folds={self.folds}) are labelled once, by the fold runs: set one of them")
         require(self.folds == 0 or 2 <= self.folds <= 20, f"{prefix}.folds", self.folds, "must be 0 (off) or in [2, 20]")
         require(not (self.augment or self.folds) or self.split == "train", f"{prefix}.split", self.split,
                  "augment and folds work on the training set: use transfer.split=train with them")

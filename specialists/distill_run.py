@@ -28,7 +28,9 @@ and `peers/<k>/`, section 4) or the hybrid (all its full models + its
 specialists). With `transfer.folds=K` the training examples are labelled out of
 fold: K copies of the teacher run, each trained without one fold of the
 training split (`data.holdout_folds`), label that fold (and its augmented
-copies); the teacher's test accuracy stays the full run's.
+copies); the teacher's test accuracy stays the full run's. With
+`transfer.fresh` the augmented copies are drawn anew in every batch and the
+teacher labels them there (consistent teaching).
 
 The student starts from the run's generalist when it has its architecture
 (`student.init`), stops early on validation accuracy, and its temperature and
@@ -60,7 +62,7 @@ from .config import ConfigError, DataConfig, dump_config, load_config, to_dict
 from .data import Dataset, fold_of_rows, load_dataset, take_inputs
 from .distill import DistillError, choose_bias_shift, ensemble_probs, gain_standard_error, kept_gain, shift_bias
 from .distill_config import DistillConfig, resolve_student
-from .distill_student import cluster_targets, train_student
+from .distill_student import FreshCopies, cluster_targets, train_student
 from .distill_teachers import (Teacher, check_same_classes, check_same_data, check_source, class_difference,
                                module_teacher, run_teacher, shift_averaged, teacher_scores)
 from .generalist import build_model, fit_generalist
@@ -68,7 +70,7 @@ from .models import load_checkpoint, model_kwargs, save_checkpoint
 from .rundir import RunDir, write_json, write_text
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .train import TrainResult, predict_logits, seed_everything, train_model
-from .transfer import TransferSet, make_transfer_set
+from .transfer import Augmenter, TransferSet, make_transfer_set
 
 __all__ = ["KEPT_GAIN_DEFINITION", "is_student_dir", "run_distill", "summary"]
 
@@ -179,6 +181,9 @@ def _prepare(cfg: DistillConfig) -> _Job:
     if cfg.transfer.folds and len(runs) != 1:
         raise ConfigError(f"transfer.folds={cfg.transfer.folds} retrains one teacher run without each fold; "
                           f"teacher.runs lists {len(runs)}")
+    if cfg.student.cluster_weight and cfg.transfer.fresh:
+        raise ConfigError(f"student.cluster_weight={cfg.student.cluster_weight} caches each transfer row's "
+                          "specialist targets, and transfer.fresh=true draws the augmented rows anew: set one of them")
     if cfg.student.cluster_weight and (len(runs) != 1 or cfg.teacher.source not in ("combined", "hybrid")):
         raise ConfigError(f"student.cluster_weight={cfg.student.cluster_weight} reads the specialists of one teacher "
                           f"run: needs one of teacher.runs and teacher.source=combined or hybrid")
@@ -375,10 +380,27 @@ def _new_student(job: _Job, init: str | None = None) -> nn.Module:
     return build_model(job.cfg.student, job.dataset)
 
 
+def _fresh_copies(job: _Job, teachers: list[Teacher], temperature: float, student: nn.Module) -> FreshCopies:
+    """transfer.fresh: the transfer set's augmented rows drawn anew in every batch and labelled by `teachers`
+    at `temperature`, from the same plain inputs (and the same augmentations) as its fixed copies."""
+    cfg, transfer = job.cfg, job.transfer
+    plain = np.flatnonzero(~transfer.augmented)  # the training rows, in increasing order
+    augmenter = Augmenter(take_inputs(transfer.inputs, plain), job.dataset.input_kind, cfg.transfer.augment,
+                          cfg.transfer.strength)
+    plain_rows = np.searchsorted(transfer.origin[plain], transfer.origin)  # each row's plain input
+
+    def teacher(inputs) -> torch.Tensor:
+        return ensemble_probs([teacher_scores(x, inputs, job.batch) for x in teachers], mean=cfg.teacher.mean,
+                              temperature=temperature, inputs="logits")
+
+    return FreshCopies(transfer, augmenter, plain_rows, teacher, student.encode, cfg.seed)
+
+
 def _student(job: _Job, name: str, scores: list[torch.Tensor] | None, probs1: torch.Tensor | None, log: Log,
-             progress: bool) -> tuple[dict, np.ndarray]:
+             progress: bool, teachers: list[Teacher] = ()) -> tuple[dict, np.ndarray]:
     """Train the student on the soft targets, one per (T, soft weight) of the grid, and keep the best on
-    validation (or, scores=None, the baseline on the hard labels); save and score it."""
+    validation (or, scores=None, the baseline on the hard labels); save and score it. With transfer.fresh the
+    augmented rows' targets come from `teachers` as they are drawn."""
     cfg, ds, transfer = job.cfg, job.dataset, job.transfer
     if scores is None:
         model = _new_student(job, "generalist" if job.init == "generalist" else "scratch")
@@ -401,13 +423,16 @@ def _student(job: _Job, name: str, scores: list[torch.Tensor] | None, probs1: to
         for init, t, w in grid_points:
             soft = ensemble_probs(scores, mean=cfg.teacher.mean, temperature=t, inputs="logits")
             candidate = _new_student(job, init)
+            fresh = _fresh_copies(job, teachers, t, candidate) if cfg.transfer.fresh else None
             result = train_student(candidate, transfer, soft, ds.val.inputs, ds.val.labels, cfg.student.train,
                                    temperature=t, soft_weight=w, seed=cfg.seed, device=job.device,
                                    desc=f"{name} {init} T={t:g} w={w:g}", progress=progress, cluster=cluster,
-                                   cluster_weight=cfg.student.cluster_weight)
+                                   cluster_weight=cfg.student.cluster_weight, fresh=fresh)
             grid.append({"init": init, "temperature": t, "soft_weight": w, "val_accuracy": result.best_val_accuracy,
                          "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                         "examples_seen": result.examples_seen, "seconds": round(result.seconds, 3)})
+                         "examples_seen": result.examples_seen, "seconds": round(result.seconds, 3),
+                         # the teacher passes fresh copies cost: inputs it labelled while the student trained
+                         "fresh_teacher_examples": fresh.drawn if fresh else 0})
             if len(grid_points) > 1:
                 log(f"{name}: from {init}, T={t:g}, soft weight {w:g}: val accuracy {result.best_val_accuracy:.4f} "
                     f"(best epoch {result.best_epoch})")
@@ -520,7 +545,8 @@ def run_distill(cfg: DistillConfig, out: str | Path | None = None, log: Log = pr
     if cfg.student.baseline:
         _, baseline_correct = _timed(job, "baseline", lambda: _student(job, "baseline", None, None, log, progress),
                                      "baseline")
-    student, _ = _timed(job, "student", lambda: _student(job, "student", scores, probs1, log, progress), "student")
+    student, _ = _timed(job, "student", lambda: _student(job, "student", scores, probs1, log, progress, teachers),
+                        "student")
     _report_kept_gain(job, teacher, teacher_correct, student, baseline_correct, generalist_correct, log)
     job.out.update_metrics({"timings": {"total": round(time.perf_counter() - started, 3)}})
     _write_report(job)

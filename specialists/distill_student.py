@@ -1,23 +1,25 @@
-"""The student of `specialists distill`: its training on cached soft targets and per-cluster targets."""
+"""The student of `specialists distill`: its training on cached or fresh soft targets, and per-cluster targets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from .config import TrainConfig
+from .data import take_inputs
 from .distill import DistillError, distillation_loss
 from .train import TrainResult, train_model
-from .transfer import TransferSet
+from .transfer import Augmenter, TransferSet
 
 
 def train_student(student: nn.Module, transfer: TransferSet, soft: torch.Tensor, val_inputs, val_labels: np.ndarray,
                   cfg: TrainConfig, *, temperature: float, soft_weight: float, seed: int, device="cpu",
                   desc: str = "student", progress: bool = True, cluster: "ClusterTargets | None" = None,
-                  cluster_weight: float = 0.0) -> TrainResult:
+                  cluster_weight: float = 0.0, fresh: "FreshCopies | None" = None) -> TrainResult:
     """Train `student` in place on `transfer` against cached soft targets; it ends at its best validation epoch.
 
     soft: (N, C) teacher probabilities at `temperature`, row i for transfer example i.
@@ -35,10 +37,13 @@ def train_student(student: nn.Module, transfer: TransferSet, soft: torch.Tensor,
     labelled = transfer.labelled
     soft = soft.float()
     use_cluster = cluster is not None and cluster_weight > 0
+    if use_cluster and fresh is not None:
+        raise DistillError("per-cluster targets are cached per transfer row; fresh copies are drawn anew")
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -> dict:
         rows = torch.from_numpy(np.asarray(index))
-        targets = soft[rows].to(logits.device)  # (B, C) cached, no teacher pass
+        targets = soft[rows] if fresh is None else fresh.targets(index, soft)  # (B, C)
+        targets = targets.to(logits.device)
         parts = distillation_loss(logits, labels if labelled else None, targets, temperature, soft_weight)
         out = {"loss": parts.loss, "hard_loss": parts.hard_loss.detach(), "soft_loss": parts.soft_loss.detach()}
         if use_cluster:
@@ -49,8 +54,61 @@ def train_student(student: nn.Module, transfer: TransferSet, soft: torch.Tensor,
 
     # train_model indexes a label per row; an unlabeled set's placeholders never reach the loss
     labels = np.where(transfer.labels >= 0, transfer.labels, 0)
-    return train_model(student, student.encode(transfer.inputs), labels, student.encode(val_inputs), val_labels, cfg,
+    inputs = student.encode(transfer.inputs) if fresh is None else fresh
+    return train_model(student, inputs, labels, student.encode(val_inputs), val_labels, cfg,
                        seed=seed, device=device, loss_fn=loss_fn, desc=desc, progress=progress)
+
+
+class FreshCopies:
+    """A transfer set's augmented rows drawn anew each time a batch holds them, and labelled there.
+
+    Consistent teaching (Beyer et al., 2022, "Knowledge distillation: a good
+    teacher is patient and consistent"): the student and the teacher see the
+    same input, and over the epochs the student meets many more inputs than a
+    fixed set of copies holds. It stands in for the encoded inputs of
+    `train.train_model` (`batch`); the loss then takes the batch's targets
+    from `targets`. Plain rows keep their cached targets.
+
+    teacher: raw inputs -> (R, C) the teacher's probabilities at the student's T.
+    """
+
+    def __init__(self, transfer: TransferSet, augmenter: Augmenter, plain_rows: np.ndarray,
+                 teacher: Callable[[object], torch.Tensor], encode: Callable, seed: int):
+        self.transfer, self.augmenter, self.plain_rows = transfer, augmenter, plain_rows
+        self.teacher, self.encode = teacher, encode
+        self.rng = np.random.default_rng([seed, 104_729])  # its own stream, the same for every student of a grid
+        self.drawn = 0  # augmented inputs drawn and labelled so far
+        self._last: tuple[np.ndarray, np.ndarray, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.transfer)
+
+    def batch(self, index: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+        index = np.asarray(index)
+        inputs = take_inputs(self.transfer.inputs, index)
+        rows = np.flatnonzero(self.transfer.augmented[index])  # positions in the batch
+        targets = None
+        if len(rows):
+            drawn = self.augmenter.draw(self.plain_rows[index[rows]], self.rng)
+            if isinstance(inputs, list):
+                for r, text in zip(rows, drawn):
+                    inputs[r] = text
+            else:  # rows of an array are a copy already
+                inputs[rows] = drawn
+            targets = self.teacher(drawn).float()
+            self.drawn += len(rows)
+        self._last = (index, rows, targets)
+        return self.encode(inputs).batch(np.arange(len(index)), device)
+
+    def targets(self, index: np.ndarray, soft: torch.Tensor) -> torch.Tensor:
+        """(B, C) the targets of the batch `batch` drew last: the teacher's on its fresh rows, `soft`'s on the rest."""
+        last, rows, fresh = self._last
+        if not np.array_equal(last, index):
+            raise DistillError("FreshCopies.targets: asked for another batch than the one drawn last")
+        targets = soft[torch.from_numpy(np.asarray(index))].clone()
+        if fresh is not None:
+            targets[torch.from_numpy(rows)] = fresh
+        return targets
 
 
 @dataclass

@@ -137,48 +137,62 @@ def _concat(a, b):
 
 def augment_inputs(inputs: list[str] | np.ndarray, input_kind: str, methods: Sequence[str], copies: int,
                    strength: float, seed: int) -> tuple[list[str] | np.ndarray, np.ndarray]:
-    """`copies` augmented copies of every input, each made by one of `methods` drawn at random.
+    """`copies` augmented copies of every input, each made by one of `methods` drawn at random (`Augmenter`).
+
+    Returns the copies, ordered copy by copy ((copies * N) of them), and (copies * N,)
+    the index of the input each was made from. Seeded: the same arguments give the same copies.
+    """
+    if copies < 1:
+        raise ConfigError(f"transfer.copies={copies} must be >= 1")
+    augmenter = Augmenter(inputs, input_kind, methods, strength)
+    source = np.tile(np.arange(len(inputs)), copies)  # (copies * N,)
+    # its own stream: the transfer set's other draws do not move it
+    return augmenter.draw(source, np.random.default_rng([seed, 7_919])), source
+
+
+class Augmenter:
+    """Augmented copies of some of `inputs`, each made by one of `methods` drawn at random.
 
     Texts (input_kind "text"): token_dropout drops each token with probability
     `strength` (one is always kept), span_mask replaces a run of
     round(strength * tokens) tokens (at least one) by MASK_TOKEN, swap swaps
     that many adjacent pairs. Arrays (N, ...): noise adds Gaussian noise of sd
-    `strength` x each feature's sd; jitter moves images by up to
+    `strength` x each feature's sd (over `inputs`); jitter moves images by up to
     round(10 * strength) pixels (at least one; zero fill) and scales and shifts
     feature vectors by 1 + e and e' sds (e, e' ~ N(0, strength)); mixup mixes
     each input with a random other, lambda ~ Beta(strength, strength) folded to
     >= 0.5, so the copy stays nearest its source. Integer arrays are rounded
     and clipped to their type's range.
-
-    Returns the copies, ordered copy by copy ((copies * N) of them), and (copies * N,)
-    the index of the input each was made from. Seeded: the same arguments give the same copies.
     """
-    text = input_kind == "text"
-    allowed = TEXT_AUGMENTATIONS if text else ARRAY_AUGMENTATIONS
-    bad = [m for m in methods if m not in allowed]
-    if not methods or bad:
-        raise ConfigError(f"transfer.augment={list(methods)!r}: {input_kind} inputs take {allowed}"
-                          + (f"; {bad[0]!r} is not one of them" if bad else ""))
-    if copies < 1:
-        raise ConfigError(f"transfer.copies={copies} must be >= 1")
-    n = len(inputs)
-    rng = np.random.default_rng([seed, 7_919])  # its own stream: the transfer set's other draws do not move it
-    source = np.tile(np.arange(n), copies)  # (copies * N,)
-    method = rng.integers(len(methods), size=len(source))
-    if text:
-        return [_augment_text(inputs[i], methods[m], strength, rng) for i, m in zip(source, method)], source
-    x = np.asarray(inputs)
-    flat = x.reshape(n, -1).astype(np.float32)
-    sd = flat.std(0) + 1e-8  # (D,) per feature
-    out = flat[source].copy()  # (copies * N, D)
-    for m, name in enumerate(methods):
-        rows = np.flatnonzero(method == m)
-        if len(rows):
-            out[rows] = _augment_arrays(flat, source[rows], name, strength, sd, x.shape[1:], rng)
-    if np.issubdtype(x.dtype, np.integer):
-        info = np.iinfo(x.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    return out.astype(x.dtype).reshape(len(source), *x.shape[1:]), source
+
+    def __init__(self, inputs: list[str] | np.ndarray, input_kind: str, methods: Sequence[str], strength: float):
+        self.text = input_kind == "text"
+        allowed = TEXT_AUGMENTATIONS if self.text else ARRAY_AUGMENTATIONS
+        bad = [m for m in methods if m not in allowed]
+        if not methods or bad:
+            raise ConfigError(f"transfer.augment={list(methods)!r}: {input_kind} inputs take {allowed}"
+                              + (f"; {bad[0]!r} is not one of them" if bad else ""))
+        self.methods, self.strength, self.inputs = list(methods), strength, inputs
+        if not self.text:
+            self.x = np.asarray(inputs)
+            self.flat = self.x.reshape(len(self.x), -1).astype(np.float32)
+            self.sd = self.flat.std(0) + 1e-8  # (D,) per feature
+
+    def draw(self, source: np.ndarray, rng: np.random.Generator) -> list[str] | np.ndarray:
+        """A copy of input source[i] for each i, in that order, drawn from `rng`."""
+        method = rng.integers(len(self.methods), size=len(source))
+        if self.text:
+            return [_augment_text(self.inputs[i], self.methods[m], self.strength, rng) for i, m in zip(source, method)]
+        out = self.flat[source].copy()  # (R, D)
+        for m, name in enumerate(self.methods):
+            rows = np.flatnonzero(method == m)
+            if len(rows):
+                out[rows] = _augment_arrays(self.flat, source[rows], name, self.strength, self.sd, self.x.shape[1:],
+                                            rng)
+        if np.issubdtype(self.x.dtype, np.integer):
+            info = np.iinfo(self.x.dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        return out.astype(self.x.dtype).reshape(len(source), *self.x.shape[1:])
 
 
 def _augment_text(text: str, method: str, strength: float, rng: np.random.Generator) -> str:

@@ -146,6 +146,73 @@ def test_augmented_transfer_set_keeps_labels_and_origin(full_run):
         np.arange(n), 2))
 
 
+def test_fresh_copies_are_drawn_anew_and_labelled_on_what_the_student_sees(full_run):
+    import torch
+
+    from specialists.distill_student import FreshCopies
+    from specialists.distill_teachers import module_teacher
+    from specialists.transfer import Augmenter
+
+    _, ds = dataset_for_run(RunDir(full_run))
+    n = len(ds.train)
+    transfer = make_transfer_set(TransferConfig(augment=["noise", "mixup"], copies=2), ds, seed=3)
+    teacher = module_teacher(specialists.load(full_run, use_specialists=False).generalist, ds.classes, "g", "cpu")
+    labelled = []
+
+    def probs(inputs):
+        labelled.append(len(inputs))
+        return torch.softmax(teacher.scores(inputs) / 2.0, 1)
+
+    def fresh(seed=0):
+        return FreshCopies(transfer, Augmenter(transfer.inputs[:n], ds.input_kind, ["noise", "mixup"], 0.15),
+                           np.tile(np.arange(n), 3), probs, lambda x: specialists.models.encode_arrays(
+                               x, ds.input_shape), seed)
+
+    soft = torch.softmax(teacher.scores(transfer.inputs) / 2.0, 1)
+    index = np.array([0, n + 1, 5, 2 * n + 7, n + 5])  # plain, copy of 1, plain, copy of 7, copy of 5
+    copies = fresh()
+    (x,) = copies.batch(index, "cpu")
+    targets = copies.targets(index, soft)
+    plain, augmented = np.array([0, 2]), np.array([1, 3, 4])
+    assert torch.equal(x[plain], torch.as_tensor(transfer.inputs[[0, 5]]).float())
+    assert torch.equal(targets[plain], soft[[0, 5]])  # plain rows keep their cached targets
+    # the fresh rows: the teacher's targets on exactly what the student was given, neither the source nor the
+    # fixed copy
+    assert torch.allclose(targets[augmented], probs(x[augmented].numpy()), atol=1e-6)
+    assert not torch.equal(x[augmented], torch.as_tensor(transfer.inputs[index[augmented]]).float())
+    assert not torch.equal(x[augmented], torch.as_tensor(transfer.inputs[[1, 7, 5]]).float())
+    assert copies.drawn == 3 and labelled[0] == 3
+    (again,) = copies.batch(index, "cpu")  # a later epoch: the same plain rows, new copies
+    assert torch.equal(again[plain], x[plain]) and not torch.equal(again[augmented], x[augmented])
+    (same,) = fresh().batch(index, "cpu")  # seeded: the same draws from the same seed
+    assert torch.equal(same, x)
+    with pytest.raises(DistillError, match="another batch"):
+        copies.targets(index[:2], soft)
+
+
+def test_a_fresh_student_trains_and_reports_the_teacher_passes(full_run, tmp_path):
+    out = tmp_path / "fresh"
+    assert main(["distill", "--quiet", "--teacher", str(full_run), "--out", str(out), "transfer.augment=[noise]",
+                 "transfer.copies=2", "transfer.fresh=true", "student.train.epochs=3", "student.train.patience=0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    (point,) = m["student"]["grid"]
+    n_train = m["transfer"]["examples"] // 3
+    assert point["epochs_run"] == 3 and point["fresh_teacher_examples"] == 3 * 2 * n_train  # each copy, each epoch
+    proba = specialists.load(out).predict_proba(dataset_for_run(RunDir(full_run))[1].test.inputs[:20])
+    assert np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_fresh_copies_are_refused_without_augment_with_folds_or_with_cluster_targets(full_run):
+    with pytest.raises(ConfigError, match="transfer.fresh=True: draws the augmented copies afresh"):
+        load_distill_config(None, ["transfer.fresh=true"])
+    with pytest.raises(ConfigError, match="transfer.fresh=True: out-of-fold targets"):
+        load_distill_config(None, ["transfer.fresh=true", "transfer.augment=[noise]", "transfer.folds=2"])
+    cfg = load_distill_config(None, [f"teacher.runs=[{full_run}]", "transfer.fresh=true", "transfer.augment=[noise]",
+                                     "student.cluster_weight=1"])
+    with pytest.raises(ConfigError, match="student.cluster_weight=1.0 caches"):
+        run_distill(cfg, None, **QUIET)
+
+
 # ---------------------------------------------------------------------------
 # out-of-fold targets
 
