@@ -112,7 +112,8 @@ class TransferConfig:
         require(not self.fresh or bool(self.augment), f"{prefix}.fresh", self.fresh,
                  "draws the augmented copies afresh: set transfer.augment too")
         require(not (self.fresh and self.folds), f"{prefix}.fresh", self.fresh,
-                 f"out-of-fold targets (transfer.folds={self.folds}) are labelled once, by the fold runs: set one of them")
+                 f"out-of-fold targets (transfer.folds={self.folds}) are labelled once, by the fold runs: "
+                 "set one of them")
         require(self.folds == 0 or 2 <= self.folds <= 20, f"{prefix}.folds", self.folds, "must be 0 (off) or in [2, 20]")
         require(not (self.augment or self.folds) or self.split == "train", f"{prefix}.split", self.split,
                  "augment and folds work on the training set: use transfer.split=train with them")

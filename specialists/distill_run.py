@@ -397,7 +397,7 @@ def _fresh_copies(job: _Job, teachers: list[Teacher], temperature: float, studen
 
 
 def _student(job: _Job, name: str, scores: list[torch.Tensor] | None, probs1: torch.Tensor | None, log: Log,
-             progress: bool, teachers: list[Teacher] = ()) -> tuple[dict, np.ndarray]:
+             progress: bool, teachers: list[Teacher]) -> tuple[dict, np.ndarray]:
     """Train the student on the soft targets, one per (T, soft weight) of the grid, and keep the best on
     validation (or, scores=None, the baseline on the hard labels); save and score it. With transfer.fresh the
     augmented rows' targets come from `teachers` as they are drawn."""
@@ -543,7 +543,7 @@ def run_distill(cfg: DistillConfig, out: str | Path | None = None, log: Log = pr
         generalist_correct = member_correct
     baseline_correct = None
     if cfg.student.baseline:
-        _, baseline_correct = _timed(job, "baseline", lambda: _student(job, "baseline", None, None, log, progress),
+        _, baseline_correct = _timed(job, "baseline", lambda: _student(job, "baseline", None, None, log, progress, []),
                                      "baseline")
     student, _ = _timed(job, "student", lambda: _student(job, "student", scores, probs1, log, progress, teachers),
                         "student")
