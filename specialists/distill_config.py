@@ -161,6 +161,10 @@ class DistillConfig:
         self.student.validate()
         self.transfer.validate()
         self.bias.validate()
+        if self.student.cluster_weight and self.transfer.fresh:
+            raise ConfigError(f"student.cluster_weight={self.student.cluster_weight} caches each transfer row's "
+                              "specialist targets, and transfer.fresh=true draws the augmented rows anew: "
+                              "set one of them")
 
 
 def load_distill_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:

@@ -181,9 +181,6 @@ def _prepare(cfg: DistillConfig) -> _Job:
     if cfg.transfer.folds and len(runs) != 1:
         raise ConfigError(f"transfer.folds={cfg.transfer.folds} retrains one teacher run without each fold; "
                           f"teacher.runs lists {len(runs)}")
-    if cfg.student.cluster_weight and cfg.transfer.fresh:
-        raise ConfigError(f"student.cluster_weight={cfg.student.cluster_weight} caches each transfer row's "
-                          "specialist targets, and transfer.fresh=true draws the augmented rows anew: set one of them")
     if cfg.student.cluster_weight and (len(runs) != 1 or cfg.teacher.source not in ("combined", "hybrid")):
         raise ConfigError(f"student.cluster_weight={cfg.student.cluster_weight} reads the specialists of one teacher "
                           f"run: needs one of teacher.runs and teacher.source=combined or hybrid")

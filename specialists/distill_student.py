@@ -80,9 +80,6 @@ class FreshCopies:
         self.drawn = 0  # augmented inputs drawn and labelled so far
         self._last: tuple[np.ndarray, np.ndarray, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return len(self.transfer)
-
     def batch(self, index: np.ndarray, device) -> tuple[torch.Tensor, ...]:
         index = np.asarray(index)
         inputs = take_inputs(self.transfer.inputs, index)

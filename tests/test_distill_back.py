@@ -207,10 +207,9 @@ def test_fresh_copies_are_refused_without_augment_with_folds_or_with_cluster_tar
         load_distill_config(None, ["transfer.fresh=true"])
     with pytest.raises(ConfigError, match="transfer.fresh=True: out-of-fold targets"):
         load_distill_config(None, ["transfer.fresh=true", "transfer.augment=[noise]", "transfer.folds=2"])
-    cfg = load_distill_config(None, [f"teacher.runs=[{full_run}]", "transfer.fresh=true", "transfer.augment=[noise]",
-                                     "student.cluster_weight=1"])
     with pytest.raises(ConfigError, match="student.cluster_weight=1.0 caches"):
-        run_distill(cfg, None, **QUIET)
+        load_distill_config(None, [f"teacher.runs=[{full_run}]", "transfer.fresh=true", "transfer.augment=[noise]",
+                                   "student.cluster_weight=1"])
 
 
 # ---------------------------------------------------------------------------
