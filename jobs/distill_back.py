@@ -41,9 +41,9 @@ ARRAYS = ["transfer.augment=[noise, mixup]", "transfer.copies=2", "student.train
           "student.train.patience=12", "student.train.schedule=linear"]
 RECIPE = ["student.temperatures=[1, 2]", "student.soft_weights=[0.9]", "student.init=both"]
 # Texts, teachers with specialists: the copies drawn anew in every batch and labelled there (transfer.fresh), chosen
-# on validation accuracy (mean of seeds 0-2) over fixed copies with the character-gram specialists' teachers; for the
-# combined teacher 4 of them, chosen the same way over 2. The peer teacher was measured with fixed copies and keeps them.
-TEXT_FRESH = {"combined": ["transfer.fresh=true", "transfer.copies=4"], "hybrid": ["transfer.fresh=true"]}
+# on validation accuracy (mean of seeds 0-2) over fixed copies with the character-gram specialists' teachers, and 4 of
+# them over 2 the same way. The peer teacher was measured with fixed copies and keeps them.
+TEXT_FRESH = {source: ["transfer.fresh=true", "transfer.copies=4"] for source in ("combined", "hybrid")}
 
 
 def teacher_run(config: str | None, seed: int, root: Path, log=print) -> RunDir:
