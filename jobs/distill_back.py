@@ -33,17 +33,18 @@ from specialists.stages import run_pipeline
 
 # The students' recipe (README, "Distilling back"): augmented copies of the training inputs; the starting point
 # (the generalist or fresh weights) and the temperature chosen on validation: four students, the best kept.
-TEXT = ["transfer.augment=[token_dropout, span_mask, swap]", "transfer.copies=2"]
+TEXT = ["transfer.augment=[token_dropout, span_mask, swap]"]
 # Vectors: also a longer schedule whose learning rate decays to 0 (chosen on seed 0's validation accuracy of the
 # synthetic set, where the small student was still improving when the default schedule stopped it). The copies stay
 # fixed: fresh ones were no better on seed 0's validation, at 2.5x the time.
 ARRAYS = ["transfer.augment=[noise, mixup]", "transfer.copies=2", "student.train.epochs=60",
           "student.train.patience=12", "student.train.schedule=linear"]
 RECIPE = ["student.temperatures=[1, 2]", "student.soft_weights=[0.9]", "student.init=both"]
-# Texts, teachers with specialists: the copies drawn anew in every batch and labelled there (transfer.fresh), chosen
-# on validation accuracy (mean of seeds 0-2) over fixed copies with the character-gram specialists' teachers, and 4 of
-# them over 2 the same way. The peer teacher was measured with fixed copies and keeps them.
-TEXT_FRESH = {source: ["transfer.fresh=true", "transfer.copies=4"] for source in ("combined", "hybrid")}
+# Texts, copies per teacher. With specialists: 4 copies drawn anew in every batch and labelled there (transfer.fresh),
+# chosen on validation accuracy (mean of seeds 0-2) over 2 fixed and 2 fresh copies with the character-gram
+# specialists' teachers. The peer teacher was measured with 2 fixed copies and keeps them.
+TEXT_COPIES = {"combined": ["transfer.copies=4", "transfer.fresh=true"],
+               "hybrid": ["transfer.copies=4", "transfer.fresh=true"], "peers": ["transfer.copies=2"]}
 
 
 def teacher_run(config: str | None, seed: int, root: Path, log=print) -> RunDir:
@@ -72,7 +73,7 @@ def distil(run: RunDir, source: str, out: Path, extra: list[str], log=print) -> 
             shutil.rmtree(out)
         text = load_config(run.config).data.kind == "csv_text"
         cfg = load_distill_config(None, [f"teacher.runs=[{json.dumps(str(run.root))}]", f"teacher.source={source}",
-                                         "threads=1", *(TEXT + TEXT_FRESH.get(source, []) if text else ARRAYS),
+                                         "threads=1", *(TEXT + TEXT_COPIES[source] if text else ARRAYS),
                                          *RECIPE, *extra])
         run_distill(cfg, out, log=lambda m: None, progress=False)
     m = json.loads((out / "metrics.json").read_text())
