@@ -216,6 +216,21 @@ def distinct_rows(ids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.T
     """`torch.unique(ids, return_inverse=True)` for ids in [0, n_rows): (the distinct ids in increasing
     order, each id's position among them). Marked in a table of n_rows flags instead of sorted: a batch's
     ids are many times fewer than a hashed embedding's rows, but sorting them costs more than the scan."""
+    return (_distinct_rows_numpy if ids.device.type == "cpu" else _distinct_rows_torch)(ids, n_rows)
+
+
+def _distinct_rows_numpy(ids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # on the CPU: torch's nonzero over the flags cost a character-gram step several times numpy's
+    flat = ids.numpy()
+    seen = np.zeros(n_rows, dtype=bool)
+    seen[flat] = True
+    rows = np.flatnonzero(seen)
+    position = np.empty(n_rows, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    return torch.from_numpy(rows), torch.from_numpy(position[flat])
+
+
+def _distinct_rows_torch(ids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     seen = torch.zeros(n_rows, dtype=torch.bool, device=ids.device)
     seen[ids] = True
     rows = seen.nonzero().squeeze(1)

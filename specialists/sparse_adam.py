@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -35,8 +36,8 @@ class RowSparseAdam(torch.optim.SparseAdam):
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg"] = _zeros_like(param)
+                    state["exp_avg_sq"] = _zeros_like(param)
                 state["step"] += 1
                 _step_rows(param, param.grad, state, beta1, beta2, group["eps"], float(group["lr"]),
                            group.get("maximize", False))
@@ -65,6 +66,15 @@ def _step_rows(param: torch.Tensor, grad: torch.Tensor, state: dict, beta1: floa
     step = state["step"]
     step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
     param.index_add_(0, rows, -step_size * numer.div_(denom))
+
+
+def _zeros_like(param: torch.Tensor) -> torch.Tensor:
+    """`torch.zeros_like(param)`. On the CPU from numpy's calloc: a table's worth of pages the system hands out
+    zeroed as a row is first stepped, where torch would write zeros over all of them first."""
+    if param.device.type == "cpu" and param.dtype in (torch.float32, torch.float64) and param.is_contiguous():
+        dtype = np.float32 if param.dtype == torch.float32 else np.float64
+        return torch.from_numpy(np.zeros(param.shape, dtype=dtype))
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def _coalesced(grad: torch.Tensor) -> torch.Tensor:

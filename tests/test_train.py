@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specialists.config import TrainConfig
-from specialists.models import create_model, distinct_rows
+from specialists.models import _distinct_rows_torch, create_model, distinct_rows
 from specialists.sparse_adam import RowSparseAdam
 from specialists.train import accuracy, cross_entropy, train_model
 
@@ -89,10 +89,12 @@ def test_the_last_epoch_when_best_is_returned_as_trained():
     assert result.best_val_accuracy == accuracy(model, model.encode(x[:120]), y[:120], 256, "cpu")
 
 
-def test_distinct_rows_equals_torch_unique():
+@pytest.mark.parametrize("find", [distinct_rows, _distinct_rows_torch], ids=["cpu (numpy)", "device (torch)"])
+def test_distinct_rows_equals_torch_unique(find):
     for ids in (torch.randint(0, 50, (300,)), torch.tensor([7, 7, 7]), torch.zeros(0, dtype=torch.long)):
-        rows, position = distinct_rows(ids, 50)
+        rows, position = find(ids, 50)
         expected_rows, expected_position = torch.unique(ids, return_inverse=True)
+        assert rows.dtype == position.dtype == torch.long
         assert torch.equal(rows, expected_rows) and torch.equal(position, expected_position)
 
 
