@@ -10,7 +10,8 @@ generalist's and the peers' from the driver process, the specialists' summed
 over their Ray tasks) and the two rates: examples per wall second and
 examples per CPU-second (per core); the whole run's wall time and each stage's. Then the specialists stage's parts (Ray
 start, cutting the generalist's outputs, training to the last specialist
-saved, Ray shut down) and issue 11's goal: the specialists stage takes no
+saved, Ray shut down); each specialist's task CPU, grouped by the Ray worker
+that trained it, its first task on top; and issue 11's goal: the specialists stage takes no
 more wall time than the peer stage at an equal number of examples (compared
 per example, since the peer ensemble's budget rounds to whole epochs).
 
@@ -29,12 +30,23 @@ from pathlib import Path
 
 from specialists.config import load_config
 from specialists.report.document import Doc, Para, Table, render_md
+from specialists.rundir import read_json
+from specialists.specialist import SPECIALIST_FILE, specialist_dir
 from specialists.stages import run_pipeline
 
 
 def rates(name: str, examples: int, wall: float, cpu: float) -> list[str]:
     return [name, f"{examples:,}", f"{wall:.1f}", f"{cpu:.1f}", f"{examples / wall:,.0f}" if wall else "—",
             f"{examples / cpu:,.0f}" if cpu else "—"]
+
+
+def _per_specialist(run, entries: list[dict]) -> list[list[str]]:
+    """A row per specialist, grouped by the worker that trained it, each worker's first (the largest: the stage
+    submits the longest first) on top: a worker's first task pays for what its process has not yet cached."""
+    pids = {e["id"]: read_json(specialist_dir(run, e["id"]) / SPECIALIST_FILE)["worker"]["pid"] for e in entries}
+    ordered = sorted(entries, key=lambda e: (pids[e["id"]], -e["examples_seen"]))
+    return [[str(e["id"]), str(pids[e["id"]]), f"{e['examples_seen']:,}", f"{e['cpu_seconds']:.2f}",
+             f"{e['examples_seen'] / e['cpu_seconds']:,.0f}" if e["cpu_seconds"] else "—"] for e in ordered]
 
 
 def main() -> None:
@@ -71,6 +83,9 @@ def main() -> None:
         doc.add(Para("Specialists stage: " + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f}s"
                                                        for k, v in p.items())
                      + f"; the tasks' own seconds summed: {spec['seconds']:.1f}s"))
+    if spec.get("per_specialist"):
+        doc.add(Table(["specialist", "Ray worker (pid)", "examples", "task CPU-s", "examples / CPU-s"],
+                      _per_specialist(run, spec["per_specialist"])))
     if spec and peer and peer_examples:
         per_spec, per_peer = timings["specialists"] / spec["examples_seen"], timings["peer"] / peer_examples
         doc.add(Para(f"Goal (specialists stage no slower than the peer stage at equal examples): "
