@@ -29,7 +29,7 @@ from specialists.rundir import RunDir
 from specialists.runtime import dataset_for_run, set_malloc_thresholds
 from specialists.specialist import (model_from_arrays, model_to_arrays, read_groups, reads_generalist_weights,
                                     train_specialist)
-from specialists.specialist_data import (ShardStore, budget_shares, cut_generalist_outputs, plan_specialist,
+from specialists.specialist_data import (ShardStore, cut_generalist_outputs, plan_specialist, run_budget,
                                          specialist_data)
 
 
@@ -49,14 +49,15 @@ def main() -> None:
     run.require(run.generalist, what="generalist")
     generalist = load_checkpoint(run.generalist, "cpu")
     groups = read_groups(run, dataset.classes, generalist.head.out_features)
-    budget = round(cfg.specialists.budget * run.read_metrics()["generalist"]["examples_seen"])
-    shares = budget_shares(groups, dataset.train.labels, cfg.specialists.special_fraction, budget)
+    trainable = [m for m, group in enumerate(groups) if len(group) < dataset.n_classes]  # as the stage skips
+    _, shares = run_budget(cfg, run.read_metrics()["generalist"]["examples_seen"], groups, trainable,
+                           dataset.train.labels)
     # a worker's copy of the generalist, as the stage ships it
     sent = model_from_arrays(*model_to_arrays(generalist, parameters=reads_generalist_weights(cfg.specialists)))
 
     def one_pass(timed: bool) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            plans = [plan_specialist(m, groups[m], dataset, cfg, shares[m]) for m in range(len(groups))]
+            plans = [plan_specialist(m, groups[m], dataset, cfg, shares.get(m, 0)) for m in trainable]
             store = ShardStore(Path(folder))
             val_top1 = cut_generalist_outputs(generalist, dataset, plans, store, cfg.train.eval_batch_size, "cpu")
             data = [specialist_data(plan, dataset, store, val_top1) for plan in plans]
@@ -73,7 +74,7 @@ def main() -> None:
 
     one_pass(timed=False)
     for k in range(1, args.repeat + 1):
-        print(f"pass {k} of {args.repeat} ({len(groups)} specialists, one thread):")
+        print(f"pass {k} of {args.repeat} ({len(trainable)} specialists, one thread):")
         last = args.profile and k == args.repeat
         with profile(activities=[ProfilerActivity.CPU]) if last else contextlib.nullcontext() as prof:
             one_pass(timed=True)

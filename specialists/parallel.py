@@ -56,7 +56,7 @@ from .runtime import set_malloc_thresholds
 from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, finished_specialist, model_from_arrays,
                          model_to_arrays, read_groups, reads_generalist_weights, save_specialist, specialist_dir, specialists_summary,
                          train_specialist)
-from .specialist_data import (ShardStore, SpecialistData, budget_shares, cut_generalist_outputs, plan_specialist,
+from .specialist_data import (ShardStore, SpecialistData, cut_generalist_outputs, plan_specialist, run_budget,
                               specialist_data)
 
 Log = Callable[[str], None]
@@ -554,9 +554,8 @@ def train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: tor
         log(f"specialists: {len(trainable) - len(todo)} of {len(trainable)} already trained, training {len(todo)}")
     if cfg.ray.gpus_per_task == 0 and device.type == "cuda":
         log("specialists: training on CPUs (ray.gpus_per_task=0); set ray.gpus_per_task=1 to use the GPU")
-    budget = round(cfg.specialists.budget * run.read_metrics()["generalist"]["examples_seen"])
-    shares = dict(zip(trainable, budget_shares([groups[m] for m in trainable], dataset.train.labels,
-                                               cfg.specialists.special_fraction, budget))) if budget else {}
+    budget, shares = run_budget(cfg, run.read_metrics()["generalist"]["examples_seen"], groups, trainable,
+                                dataset.train.labels)
     if budget:
         log(f"specialists: budget {cfg.specialists.budget:g} x the generalist's examples = {budget:,} examples, "
             f"shared by {len(trainable)} specialists in proportion to their epochs")

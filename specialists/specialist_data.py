@@ -50,6 +50,17 @@ class SpecialistPlan:
     max_examples: int = 0  # its share of specialists.budget in training examples (0: no cap); see budget_shares
 
 
+def run_budget(cfg: RunConfig, generalist_examples: int, groups: list[list[int]], trainable: list[int],
+               labels: np.ndarray) -> tuple[int, dict[int, int]]:
+    """specialists.budget for a run: (its examples, {m: specialist m's share}) over the `trainable` groups;
+    (0, {}) when the budget is 0 (no cap)."""
+    budget = round(cfg.specialists.budget * generalist_examples)
+    if not budget:
+        return 0, {}
+    shares = budget_shares([groups[m] for m in trainable], labels, cfg.specialists.special_fraction, budget)
+    return budget, dict(zip(trainable, shares))
+
+
 def budget_shares(groups: list[list[int]], labels: np.ndarray, special_fraction: float, total: int) -> list[int]:
     """Each group's specialist's training examples: `total` shared in proportion to their epoch sizes.
 
