@@ -21,6 +21,11 @@ the fixable-error share (errors whose true and predicted class share a cluster):
     ari     against the planted groups (synthetic data).
     seconds the signal's cost as the cluster stage pays it (encoding and forward passes included;
             out_of_fold: its K trainings), fastest of 3.
+
+`--oracle-sizes 20 29 40` adds a reference no signal can be expected to pass: K clusters of at most
+that many classes cut from the test errors themselves, by a local search (moves and swaps of classes,
+from --oracle-starts random starts) that maximises the share of those errors inside a cluster. It reads
+the test errors, so it chooses nothing: it bounds what any signal read elsewhere could hold.
 """
 
 from __future__ import annotations
@@ -61,6 +66,45 @@ def pairs_of(logits, labels, rows=None):
     rows = np.arange(len(labels)) if rows is None else rows
     wrong = rows[pred[rows] != labels[rows]]
     return np.stack([labels[wrong], pred[wrong]], 1)
+
+
+def oracle_partition(error_pairs: np.ndarray, n_classes: int, k: int, max_size: int, *, starts: int = 20,
+                     seed: int = 0) -> np.ndarray:
+    """Cluster of each class: the best of `starts` local searches for k clusters of at most `max_size` classes
+    holding as many of `error_pairs` ((E, 2) true, predicted) inside one cluster as they can.
+
+    From a random balanced start, each step makes the best move of one class to another cluster (one with
+    room, leaving none empty) or swap of two classes, until none gains. A heuristic: it finds a good partition, not a proven best.
+    """
+    if not 1 <= k <= n_classes or max_size * k < n_classes:
+        raise ValueError(f"{k} clusters of at most {max_size} classes cannot hold {n_classes} classes")
+    weights = np.zeros((n_classes, n_classes))
+    np.add.at(weights, (error_pairs[:, 0], error_pairs[:, 1]), 1.0)
+    weights += weights.T
+    np.fill_diagonal(weights, 0.0)
+    rng = np.random.default_rng(seed)
+    best, best_inside = None, -1.0
+    for _ in range(starts):
+        cluster = rng.permutation(np.arange(n_classes) % k)
+        while True:
+            to = weights @ np.eye(k)[cluster]  # (C, k): each class's errors shared with each cluster
+            own = to[np.arange(n_classes), cluster]
+            sizes = np.bincount(cluster, minlength=k)
+            allowed = (sizes < max_size)[None, :] & (sizes[cluster] > 1)[:, None]  # room there; none left empty
+            moves = np.where(allowed & (np.arange(k)[None, :] != cluster[:, None]), to - own[:, None], -np.inf)
+            toward = to[:, cluster] - own[:, None]  # [c, d]: class c's gain from joining d's cluster
+            swaps = np.where(cluster[:, None] != cluster[None, :], toward + toward.T - 2 * weights, -np.inf)
+            move, swap = np.unravel_index(moves.argmax(), moves.shape), np.unravel_index(swaps.argmax(), swaps.shape)
+            if max(moves[move], swaps[swap]) <= 1e-9:
+                break
+            if moves[move] >= swaps[swap]:
+                cluster[move[0]] = move[1]
+            else:
+                cluster[[swap[0], swap[1]]] = cluster[[swap[1], swap[0]]]
+        inside = weights[cluster[:, None] == cluster[None, :]].sum()
+        if inside > best_inside:
+            best, best_inside = cluster.copy(), inside
+    return best
 
 
 def matrix_of(signal, t, logits, labels, model, n_classes):
@@ -126,6 +170,9 @@ def main(argv=None):
     parser.add_argument("--json", default="")
     parser.add_argument("--ensemble", default="", help="fork RUN_DIR per --variant into this folder")
     parser.add_argument("--variant", action="append", default=[], help="space-separated overrides")
+    parser.add_argument("--oracle-sizes", type=int, nargs="*", default=[],
+                        help="also cut clusters of at most these many classes from the test errors themselves")
+    parser.add_argument("--oracle-starts", type=int, default=20, help="random starts of each oracle search")
     args = parser.parse_args(argv)
     if args.ensemble:
         ensemble(args.run_dir, args.ensemble, args.variant, args.json)
@@ -214,10 +261,24 @@ def main(argv=None):
         ari = f"{row['ari']:.3f}" if aris else "-"
         print(f"{signal:<15}{t:>5g} {row['val_share']:>7.1%} {row['test_share']:>7.1%} {row['random_share']:>7.1%} "
               f"{ari:>6} {row['min_size']:>4}-{row['max_size']:<4} {row['seconds']:>8.3f}", flush=True)
+    oracles = []
+    if args.oracle_sizes:
+        k = args.n_clusters or len(clusterer(cfg, 0, args.seeds[0]).fit(
+            matrix_of("probs", 1.0, logits["val"], labels["val"], model, C)).groups_)
+        print(f"oracle: {k} clusters cut from the {len(test_pairs)} test errors themselves "
+              f"({args.oracle_starts} starts)")
+        for size in args.oracle_sizes:
+            cluster = oracle_partition(test_pairs, C, k, size, starts=args.oracle_starts, seed=args.seeds[0])
+            groups = [np.flatnonzero(cluster == g).tolist() for g in range(k)]
+            row = {"max_size": size, "test_share": error_share_inside(test_pairs, groups)[2],
+                   "random_share": random_share(groups, C), "sizes": sorted(len(g) for g in groups)}
+            oracles.append(row)
+            print(f"  at most {size} classes a cluster: {row['test_share']:.1%} of the test errors inside "
+                  f"(random {row['random_share']:.1%}), sizes {row['sizes']}", flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"run": str(run.root), "val_errors": len(val_pairs), "test_errors": len(test_pairs),
-                       "results": results}, handle, indent=1)
+                       "results": results, "oracle": oracles}, handle, indent=1)
 
 
 if __name__ == "__main__":

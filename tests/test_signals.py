@@ -309,3 +309,29 @@ def test_an_unlabeled_file_works_with_signals_that_need_no_labels(staged, tmp_pa
                                                           else 1.0}
     with pytest.raises(ConfigError, match="cluster.signal='confusion'.*unlabeled file"):
         recluster(run, ["cluster.signal=confusion", f"cluster.split={unlabeled}"], log=lambda s: None)
+
+
+def test_oracle_partition_finds_planted_groups_within_its_size_limit():
+    """jobs.bench_signals' oracle: errors only inside 3 planted groups of 4 classes, dealt across the
+    classes so a balanced start splits them, are all held inside once the search ends."""
+    from jobs.bench_signals import oracle_partition
+
+    rng = np.random.default_rng(0)
+    planted = rng.permutation(np.arange(12) % 3)
+    pairs = np.array([(a, b) for a in range(12) for b in range(12) if a != b and planted[a] == planted[b]] * 3)
+    cluster = oracle_partition(pairs, 12, 3, 4, starts=3, seed=1)
+    groups = [np.flatnonzero(cluster == g).tolist() for g in range(3)]
+    assert sorted(len(g) for g in groups) == [4, 4, 4]
+    assert error_share_inside(pairs, groups)[2] == 1.0
+    with pytest.raises(ValueError, match="cannot hold 12 classes"):
+        oracle_partition(pairs, 12, 2, 5)
+
+
+def test_oracle_partition_respects_its_size_limit_and_leaves_no_cluster_empty():
+    from jobs.bench_signals import oracle_partition
+
+    pairs = np.array([(a, b) for a in range(10) for b in range(10) if a != b])  # every class confused with all
+    cluster = oracle_partition(pairs, 10, 3, 6, starts=2)
+    sizes = np.bincount(cluster, minlength=3)
+    assert sizes.max() <= 6 and sizes.min() >= 1  # the best would be one cluster of all 10, which is over the limit
+    assert sorted(sizes.tolist()) == [1, 3, 6]  # 15 + 3 pairs inside: the most any 3 clusters of <= 6 hold
