@@ -74,7 +74,8 @@ def oracle_partition(error_pairs: np.ndarray, n_classes: int, k: int, max_size: 
     holding as many of `error_pairs` ((E, 2) true, predicted) inside one cluster as they can.
 
     From a random balanced start, each step makes the best move of one class to another cluster (one with
-    room, leaving none empty) or swap of two classes, until none gains. A heuristic: it finds a good partition, not a proven best.
+    room, leaving none empty) or swap of two classes, until none gains. A heuristic: the best partition it
+    finds, not a proven optimum.
     """
     if not 1 <= k <= n_classes or max_size * k < n_classes:
         raise ValueError(f"{k} clusters of at most {max_size} classes cannot hold {n_classes} classes")
@@ -174,6 +175,8 @@ def main(argv=None):
                         help="also cut clusters of at most these many classes from the test errors themselves")
     parser.add_argument("--oracle-starts", type=int, default=20, help="random starts of each oracle search")
     args = parser.parse_args(argv)
+    if args.oracle_starts < 1:
+        parser.error(f"--oracle-starts {args.oracle_starts} must be at least 1")
     if args.ensemble:
         ensemble(args.run_dir, args.ensemble, args.variant, args.json)
         return
@@ -268,7 +271,10 @@ def main(argv=None):
         print(f"oracle: {k} clusters cut from the {len(test_pairs)} test errors themselves "
               f"({args.oracle_starts} starts)")
         for size in args.oracle_sizes:
-            cluster = oracle_partition(test_pairs, C, k, size, starts=args.oracle_starts, seed=args.seeds[0])
+            try:
+                cluster = oracle_partition(test_pairs, C, k, size, starts=args.oracle_starts, seed=args.seeds[0])
+            except ValueError as err:
+                parser.error(f"--oracle-sizes {size}: {err}")
             groups = [np.flatnonzero(cluster == g).tolist() for g in range(k)]
             row = {"max_size": size, "test_share": error_share_inside(test_pairs, groups)[2],
                    "random_share": random_share(groups, C), "sizes": sorted(len(g) for g in groups)}

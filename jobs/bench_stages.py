@@ -135,6 +135,7 @@ def main() -> None:
 def repeat(args) -> None:
     """`--repeat N`: N runs, each a fresh process as `specialists run` is, then the goal on their medians."""
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_stages_"))
+    root.mkdir(parents=True, exist_ok=True)
     goals = []
     try:
         for k in range(1, args.repeat + 1):
