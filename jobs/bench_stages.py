@@ -119,10 +119,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat {args.repeat} must be at least 1")
+    cfg = load_config(args.config, args.overrides)  # a bad config is refused before any run
     if args.repeat > 1:
         repeat(args)
         return
-    cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_stages_")) / "run"
     doc, goal = one_run(cfg, out)
     print(render_md(doc), flush=True)
@@ -140,9 +140,10 @@ def repeat(args) -> None:
     try:
         for k in range(1, args.repeat + 1):
             figures = root / f"goal{k}.json"
-            command = [sys.executable, "-m", "jobs.bench_stages", "--goal-json", str(figures), *args.overrides]
+            command = [sys.executable, "-m", "jobs.bench_stages", "--goal-json", str(figures)]
             command += ["--config", args.config] if args.config else []
             command += ["--out", str(root / str(k))] if args.out else []
+            command += args.overrides
             subprocess.run(command, check=True)
             goals.append(json.loads(figures.read_text()))
             figures.unlink()
