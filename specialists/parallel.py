@@ -23,8 +23,9 @@ driver's scratch shards are cut anew by every invocation, never reused.
 
 A bad Ray setting fails within seconds, never by waiting forever: an address
 where no Ray cluster answers (probed with one gRPC call and a deadline before
-ray.init, which itself would retry for minutes), or more CPUs / GPUs per task
-than any node of the cluster has (a task Ray could never schedule).
+ray.init, which itself would retry for minutes), a local instance on a machine
+that cannot reach 127.0.0.1 (its loopback interface down), or more CPUs / GPUs
+per task than any node of the cluster has (a task Ray could never schedule).
 `preflight` runs these checks before the generalist trains (stages.py).
 """
 
@@ -34,6 +35,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -135,6 +137,21 @@ def _check_local_gpus(cfg: RayConfig) -> None:
                           "set ray.gpus_per_task=0 or join a cluster with GPUs (ray.address)")
 
 
+def _check_loopback(timeout: float = 2.0) -> None:
+    """A local instance's processes talk over 127.0.0.1. Where it cannot be reached (the loopback interface is
+    down, as in a fresh network namespace) ray.init would retry for minutes, printing only Ray's own warnings."""
+    with socket.socket() as server:
+        try:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=timeout):
+                pass
+        except OSError as err:
+            raise ConfigError(f"a local Ray instance needs to reach 127.0.0.1, and this machine cannot "
+                              f"({err.strerror or err}): bring the loopback interface up (`ip link set lo up`), "
+                              "or join a Ray cluster (ray.address)") from None
+
+
 def check_resources(cfg: RayConfig, where: str) -> dict:
     """The connected cluster's totals; ConfigError if no single node could run one specialist."""
     return _check_nodes(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], where)
@@ -186,6 +203,7 @@ def preflight(cfg: RayConfig, log: Log = print) -> dict:
         with ray_session(cfg, log) as resources:
             return resources
     _check_local_gpus(cfg)
+    _check_loopback()
     gpus = torch.cuda.device_count()
     return _check_nodes(cfg, [{"CPU": float(cfg.num_cpus or _local_cpus()), "GPU": float(gpus)}],
                         "the local Ray instance")
@@ -202,6 +220,7 @@ def _connect(cfg: RayConfig) -> str:
             raise ConfigError(f"{key}={address!r}: {err}") from None
         return f"the Ray cluster at {address}"
     _check_local_gpus(cfg)
+    _check_loopback()
     # "local": a new instance even when `ray start` left one running here (ray.init() would join that)
     ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level=logging.WARNING)
     return "the local Ray instance"

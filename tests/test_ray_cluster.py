@@ -140,6 +140,35 @@ def test_something_that_is_not_ray_is_not_taken_for_a_cluster():
     assert time.monotonic() - started < 5 and not ray.is_initialized()
 
 
+def _can_unshare_network() -> bool:
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rn", "true"],
+                                                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_network(), reason="no `unshare -rn` here (user network namespaces)")
+def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
+    # A fresh network namespace has its loopback interface down: ray.init would retry for minutes there.
+    out = tmp_path / "run"
+    script = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})",
+        "from conftest import tiny_config",
+        "from specialists.config import ConfigError",
+        "from specialists.stages import run_pipeline",
+        "try:",
+        f"    run_pipeline(tiny_config('specialists.enabled=true'), {str(out)!r}, log=lambda s: None, progress=False)",
+        "except ConfigError as err:",
+        "    print('ConfigError:', err)",
+    ])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run(["unshare", "-rn", sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ConfigError: a local Ray instance needs to reach 127.0.0.1" in done.stdout, done.stdout + done.stderr
+    assert "ip link set lo up" in done.stdout
+    assert not out.exists()  # checked before the run directory is made
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpus_on_a_machine_without_any_fail_before_ray_starts():
     started = time.monotonic()
