@@ -24,8 +24,9 @@ driver's scratch shards are cut anew by every invocation, never reused.
 A bad Ray setting fails within seconds, never by waiting forever: an address
 where no Ray cluster answers (probed with one gRPC call and a deadline before
 ray.init, which itself would retry for minutes), a local instance on a machine
-that cannot reach 127.0.0.1 (its loopback interface down), or more CPUs / GPUs
-per task than any node of the cluster has (a task Ray could never schedule).
+that cannot reach 127.0.0.1 (its loopback interface down) or whose temp dir is too
+deep for Unix sockets, or more CPUs / GPUs per task than any node of the cluster
+has (a task Ray could never schedule).
 `preflight` runs these checks before the generalist trains (stages.py).
 """
 
@@ -152,6 +153,26 @@ def _check_loopback(timeout: float = 2.0) -> None:
                               "or join a Ray cluster (ray.address)") from None
 
 
+def _check_socket_paths() -> None:
+    """A local instance makes Unix sockets in a session folder under its temp dir (RAY_TMPDIR, else TMPDIR,
+    else /tmp), and a socket's path holds at most 107 bytes (103 on macOS): past that, ray.init fails with a
+    traceback once the generalist has trained."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:  # a Ray that keeps it elsewhere: let ray.init check
+        return
+    temp_dir = get_default_ray_temp_dir()
+    # Ray's session folder is named by the start's date and time and the process that starts the instance
+    session = f"session_2000-01-01_00-00-00_000000_{os.getpid()}"
+    longest = os.path.join(temp_dir, session, "sockets", "plasma_store")
+    most = (104 if sys.platform == "darwin" else 108) - 1
+    if len(longest.encode()) > most:
+        key = next((k for k in ("RAY_TMPDIR", "TMPDIR") if k in os.environ), "the temp dir")
+        raise ConfigError(f"{key}={os.path.dirname(temp_dir)!r}: a local Ray instance's socket paths there would "
+                          f"be {len(longest.encode())} bytes, over the {most} a Unix socket allows; set RAY_TMPDIR "
+                          "to a shorter directory (RAY_TMPDIR=/tmp)")
+
+
 def check_resources(cfg: RayConfig, where: str) -> dict:
     """The connected cluster's totals; ConfigError if no single node could run one specialist."""
     return _check_nodes(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], where)
@@ -203,6 +224,7 @@ def preflight(cfg: RayConfig, log: Log = print) -> dict:
         with ray_session(cfg, log) as resources:
             return resources
     _check_local_gpus(cfg)
+    _check_socket_paths()
     _check_loopback()
     gpus = torch.cuda.device_count()
     return _check_nodes(cfg, [{"CPU": float(cfg.num_cpus or _local_cpus()), "GPU": float(gpus)}],
@@ -220,6 +242,7 @@ def _connect(cfg: RayConfig) -> str:
             raise ConfigError(f"{key}={address!r}: {err}") from None
         return f"the Ray cluster at {address}"
     _check_local_gpus(cfg)
+    _check_socket_paths()
     _check_loopback()
     # "local": a new instance even when `ray start` left one running here (ray.init() would join that)
     ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level=logging.WARNING)

@@ -25,7 +25,7 @@ import torch
 
 from conftest import REPO, TINY_SYNTHETIC, agent_ports, free_port, tiny_config
 from specialists.config import ConfigError, RayConfig
-from specialists.parallel import ray_session
+from specialists.parallel import preflight, ray_session
 from specialists.stages import run_pipeline
 
 RAY = Path(sys.executable).parent / "ray"
@@ -167,6 +167,19 @@ def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
     assert "ConfigError: a local Ray instance needs to reach 127.0.0.1" in done.stdout, done.stdout + done.stderr
     assert "ip link set lo up" in done.stdout
     assert not out.exists()  # checked before the run directory is made
+
+
+def test_a_temp_dir_too_deep_for_ray_sockets_fails_before_training(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 70)  # Ray's Unix sockets would lie some 70 bytes below it
+    deep.mkdir()
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    with pytest.raises(ConfigError, match=rf"TMPDIR='{deep}': a local Ray instance's socket paths there would be "
+                                          r"\d+ bytes, over the \d+ a Unix socket allows; set RAY_TMPDIR"):
+        run_pipeline(tiny_config("specialists.enabled=true"), tmp_path / "run", log=lambda s: None, progress=False)
+    assert not (tmp_path / "run").exists() and not ray.is_initialized()
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")  # what the message advises
+    assert preflight(RayConfig(), log=lambda s: None)["cpus"] >= 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
