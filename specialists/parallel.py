@@ -23,7 +23,8 @@ driver's scratch shards are cut anew by every invocation, never reused.
 
 A bad Ray setting fails within seconds, never by waiting forever: an address
 where no Ray cluster answers (probed with one gRPC call and a deadline before
-ray.init, which itself would retry for minutes), a local instance on a machine
+ray.init, which itself would retry for minutes), a cluster that would refuse the
+auth token ray.init sends (the same call, with that token), a local instance on a machine
 that cannot reach 127.0.0.1 (its loopback interface down) or whose temp dir is too
 deep for Unix sockets, or more CPUs / GPUs per task than any node of the cluster
 has (a task Ray could never schedule).
@@ -70,45 +71,88 @@ SHARDS_PREFIX = ".specialist-shards-"  # scratch folder of the specialists stage
 # connecting
 
 
-def _probe(target: str, method: str, request: bytes, what: str, timeout: float) -> str | None:
+class _TokenRefused(Exception):
+    """A Ray server answers, and refuses the call for want of a valid auth token."""
+
+
+def _probe(target: str, method: str, request: bytes, what: str, timeout: float, metadata: tuple = ()) -> str | None:
     """None if `what` answers the gRPC `method` at host:port within `timeout` seconds, else why not.
 
-    One raw gRPC call with a deadline. The server answers it, or refuses it
-    for want of an auth token, which still proves it is there; anything else
-    (nothing listening, a port that speaks no gRPC, another service) is not it.
+    One raw gRPC call with a deadline. A server that refuses it for want of
+    a valid token (_TokenRefused) is there; anything else (nothing
+    listening, a port that speaks no gRPC, another service) is not it.
     """
     import grpc  # a dependency of ray
 
     with grpc.insecure_channel(target) as channel:
         try:
-            channel.unary_unary(method)(request, timeout=timeout)
+            channel.unary_unary(method)(request, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
-                return None
+                raise _TokenRefused(err.details()) from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return f"no {what} answers at {target} within {timeout:g}s ({err.details()})"
             return f"what answers at {target} is not a {what} ({code.name}: {err.details()})"
     return None
 
 
-def _probe_gcs(target: str, timeout: float) -> str | None:
+def _probe_gcs(target: str, timeout: float, metadata: tuple = ()) -> str | None:
     """A Ray cluster's GCS (what `host:port` joins): an empty request is a valid one."""
-    return _probe(target, "/ray.rpc.NodeInfoGcsService/GetClusterId", b"", "Ray cluster", timeout)
+    return _probe(target, "/ray.rpc.NodeInfoGcsService/GetClusterId", b"", "Ray cluster", timeout, metadata)
 
 
-def _probe_client_server(target: str, timeout: float) -> str | None:
+def _probe_client_server(target: str, timeout: float, metadata: tuple = ()) -> str | None:
     """A Ray Client server (what `ray://host:port` joins): the PING its clients send first. A TCP connect
     alone is no check: ray.init would then retry for over 30 s where the port speaks no Ray Client."""
     from ray.core.generated import ray_client_pb2
 
     ping = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING).SerializeToString()
-    return _probe(target, "/ray.rpc.RayletDriver/ClusterInfo", ping, "Ray client server", timeout)
+    return _probe(target, "/ray.rpc.RayletDriver/ClusterInfo", ping, "Ray client server", timeout, metadata)
+
+
+_TOKEN_PLACES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+
+
+def _token_refusal(probe: Callable[..., str | None], target: str, timeout: float, joined_auto: bool) -> str:
+    """Why a server that wants a token would refuse ray.init ('' if it would not).
+
+    ray.init sends a token (from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) where RAY_AUTH_MODE=token, or, with the mode unset,
+    only when it joins 'auto'. Refused, it retries for a minute and then
+    blames the address.
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        found = loader.has_token(ignore_auth_mode=True)
+        header = loader.get_token_for_http_header(ignore_auth_mode=True) if found else {}
+    except Exception:  # noqa: BLE001 - a Ray without token auth, or a token it cannot read: ray.init will say
+        return ""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() not in ("token", "disabled"):  # another scheme: ray.init's to judge
+        return ""
+    sends = mode.lower() == "token" if mode is not None else joined_auto
+    if not found:
+        return (f"the Ray cluster at {target} uses token authentication, and this machine has no token: put its "
+                f"head's token in {_TOKEN_PLACES}, with RAY_AUTH_MODE=token")
+    if not sends:
+        return (f"the Ray cluster at {target} uses token authentication, and ray.init sends this machine's token "
+                f"({_TOKEN_PLACES}) only with RAY_AUTH_MODE=token")
+    try:
+        probe(target, timeout, tuple(header.items()))
+    except _TokenRefused:
+        return (f"the Ray cluster at {target} refused this machine's token ({_TOKEN_PLACES}): set it to the token "
+                "its head was started with")
+    return ""
 
 
 def _check_reachable(address: str, key: str, timeout: float) -> None:
-    """Fail fast where ray.init would retry for minutes: no Ray cluster at the address."""
-    if address == "auto":
+    """Fail fast where ray.init would retry for minutes: no Ray cluster at the address, or one that would
+    refuse this machine's auth token."""
+    joined_auto = address == "auto"
+    if joined_auto:
         try:  # Ray's own lookup (ray start's address file, else a running GCS), so the check sees what ray.init will
             from ray._private.services import canonicalize_bootstrap_address
 
@@ -124,7 +168,14 @@ def _check_reachable(address: str, key: str, timeout: float) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"{key}={address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    why = (_probe_client_server if client else _probe_gcs)(f"{host}:{port}", timeout)
+    probe, target = _probe_client_server if client else _probe_gcs, f"{host}:{port}"
+    try:
+        why = probe(target, timeout)
+    except _TokenRefused:
+        refusal = _token_refusal(probe, target, timeout, joined_auto=joined_auto)
+        if refusal:
+            raise ConfigError(f"{key}={address!r}: {refusal}") from None
+        return
     if why:
         port_hint = " (ray:// is the head's Ray Client port, 10001 unless `ray start --ray-client-server-port`)"
         raise ConfigError(f"{key}={address!r}: {why}; start a cluster with `ray start --head`"

@@ -34,7 +34,7 @@ EXCLUDES = [".git", ".venv", "runs", "build", "*.egg-info", ".pytest_cache", "__
 
 @pytest.fixture
 def ray_head():
-    """(dashboard URL, auth headers, process) of a head node started for one test."""
+    """(dashboard URL, auth headers, process, GCS address, token) of a head node started for one test."""
     if ray.is_initialized():
         ray.shutdown()
     port, dashboard = free_port(), free_port()
@@ -49,7 +49,7 @@ def ray_head():
     log = open(Path(temp_dir) / "head.log", "w")
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}, head
+        yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}, head, f"127.0.0.1:{port}", token
     finally:
         head.send_signal(signal.SIGINT)  # `ray start --block` stops what it started on SIGINT
         try:
@@ -94,7 +94,7 @@ def _submit(client, head, timeout: float = 300.0, **job) -> str:
 def test_a_job_submitted_to_a_ray_head_trains_the_specialists(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
-    url, headers, head = ray_head
+    url, headers, head, _, _ = ray_head
     client = _client(url, headers, head)
     out = tmp_path / "job-run"
     args = ["--out", str(out), "--quiet", *TINY_SYNTHETIC, "cluster.classes_per_cluster=10", "specialists.enabled=true",
@@ -114,6 +114,37 @@ def test_a_job_submitted_to_a_ray_head_trains_the_specialists(ray_head, tmp_path
         info = json.loads((out / "specialists" / str(m) / "specialist.json").read_text())
         assert info["worker"]["pid"] != os.getpid()
     assert metrics["specialists"]["test_conditional_accuracy"] > 0.5
+
+
+def test_a_cluster_that_would_refuse_the_token_is_named_before_training(ray_head, tmp_path):
+    # ray.init would retry for a minute against it and then blame the address
+    url, headers, head, address, token = ray_head
+    _client(url, headers, head)  # the head is up
+    script = "\n".join([
+        "from specialists.config import ConfigError, RayConfig",
+        "from specialists.parallel import preflight",
+        "try:",
+        f"    print('joined', preflight(RayConfig(address={address!r}, connect_timeout_s=10), log=lambda s: None))",
+        "except ConfigError as err:",
+        "    print('ConfigError:', err)",
+    ])
+    home = tmp_path / "home"  # Ray also reads ~/.ray/auth_token
+    (home / ".ray").mkdir(parents=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
+    cases = [({}, "uses token authentication, and this machine has no token"),
+             ({"RAY_AUTH_TOKEN": token}, "ray.init sends this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                                         "or ~/.ray/auth_token) only with RAY_AUTH_MODE=token"),
+             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}, "refused this machine's token"),
+             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, None)]
+    for extra, refusal in cases:
+        done = subprocess.run([sys.executable, "-c", script], env=base | extra, capture_output=True, text=True,
+                              timeout=120)
+        said = done.stdout + done.stderr
+        if refusal is None:
+            assert "joined {'nodes': 1, 'cpus': 2.0" in done.stdout, said
+        else:
+            assert f"ConfigError: ray.address='{address}': the Ray cluster at {address} " in done.stdout, said
+            assert refusal in done.stdout, said
 
 
 def test_an_unreachable_address_fails_within_seconds(tmp_path):
