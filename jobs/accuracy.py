@@ -30,11 +30,14 @@ the report's renderer.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.ensemble import SpecialistsModel
 from specialists.evaluation import sum_by_covering
@@ -62,6 +65,11 @@ TRAIN_VARIANTS = {  # name: (folder suffix, config overrides)
     "generalist's lr and patience": ("genlr", ["specialists.lr=0", "specialists.patience=-1"]),
     "overlap: each class in up to 3 clusters": ("overlap", ["cluster.overlap=3"]),
 }
+
+
+def train_overrides(suffix: str, overrides: list[str], overlap_ratio: float) -> list[str]:
+    """A training variant's overrides; the overlap variant's clusters reach `overlap_ratio` farther."""
+    return [*overrides, f"cluster.overlap_ratio={overlap_ratio}"] if suffix == "overlap" else overrides
 
 
 def seed_run(config: str | None, seed: int, out: Path) -> RunDir:
@@ -108,6 +116,9 @@ def main() -> None:
     parser.add_argument("--overlap-ratio", type=float, default=1.5,
                         help="cluster.overlap_ratio of the overlap variant (how much farther a second cluster may be)")
     args = parser.parse_args()
+    checked = [train_overrides(*v, args.overlap_ratio) for v in TRAIN_VARIANTS.values()] if args.ablation else []
+    for seed, overrides in itertools.product(args.seeds, [[], *checked]):  # checked before anything trains
+        load_config(args.config, [f"seed={seed}", *overrides])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -144,9 +155,7 @@ def main() -> None:
                 del variants["no soft targets (soft_weight=0)"]
                 variants = {"soft targets (soft_weight=0.5)": ("soft", ["specialists.soft_weight=0.5"]), **variants}
             for name, (suffix, overrides) in variants.items():
-                if suffix == "overlap":
-                    overrides = [*overrides, f"cluster.overlap_ratio={args.overlap_ratio}"]
-                variant = variant_run(base, suffix, overrides)
+                variant = variant_run(base, suffix, train_overrides(suffix, overrides, args.overlap_ratio))
                 ablation.setdefault(name, []).append(errors(variant))
                 if suffix == "overlap":  # Table 4 of the overlapping clusters
                     results.setdefault("overlap_by_covering", {})[seed] = variant.read_metrics()["ensemble"]["by_covering"]
@@ -166,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -28,12 +28,14 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.parallel import ray_session, train_specialists
 from specialists.rundir import RunDir
@@ -78,6 +80,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="measure each worker count this often, keep the best")
     parser.add_argument("--out", help="where to keep the run directory (default: a temporary one)")
     args = parser.parse_args()
+    for name in ("workers", "epochs", "hidden", "repeat"):  # refused before the generalist trains
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            parser.error(f"--{name} must be at least 1")
     torch.set_num_threads(1)
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_parallel_"))
@@ -120,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -33,11 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import numpy as np
 import torch
 
+from specialists.cli import exit_status
 from specialists.cluster import ConfusionClusterer
 from specialists.covariance import correlation_from_covariance
 from specialists.config import load_config
@@ -288,4 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

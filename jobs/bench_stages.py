@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.report.document import Doc, Para, Table, render_md
 from specialists.rundir import read_json
@@ -165,4 +166,4 @@ def repeat(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

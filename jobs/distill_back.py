@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.distill_config import load_distill_config
 from specialists.distill_run import run_distill
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["combined", "peers", "hybrid"])
     parser.add_argument("overrides", nargs="*", help="distill settings for every student, e.g. student.cluster_weight=1")
     args = parser.parse_args(argv)
+    for seed in args.seeds:  # every setting checked before a teacher trains
+        load_config(args.config, [f"seed={seed}", "threads=1"])
+    load_distill_config(None, [*RECIPE, *args.overrides])
     name = Path(args.config).stem if args.config else "banking77"
     rows, started = [], time.perf_counter()
     results = args.out / f"{name}_seeds{'-'.join(map(str, args.seeds))}_results.json"
@@ -147,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

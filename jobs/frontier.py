@@ -38,13 +38,16 @@ specialists' CPU-seconds), and a PNG of mean test errors against B.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.combination_choice import (CHOOSE_SPECIALIST_WEIGHTS, CHOOSE_TOP_N, candidate_settings,
                                             serve_specialists)
@@ -398,8 +401,10 @@ def main() -> None:
     args = parser.parse_args()
     name = Path(args.config).stem if args.config else "banking77"
     out = Path(args.out or f"runs/frontier-{name}")
-    out.mkdir(parents=True, exist_ok=True)
     budgets = sorted(args.budgets)
+    for s, budget in itertools.product(args.seeds, budgets):  # every setting checked before anything trains
+        load_config(args.config, [f"seed={s}", f"specialists.budget={budget}"])
+    out.mkdir(parents=True, exist_ok=True)
     args.variants = args.variants or default_variants(load_config(args.config))
 
     results = {}
@@ -428,4 +433,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -47,10 +47,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.distill import kept_gain
 from specialists.distill_config import load_distill_config
@@ -254,9 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="directory of the runs (default runs/mnist-paper-<time>)")
     parser.add_argument("--data", type=Path, default=MNIST, help=f"MNIST IDX folder (default {MNIST})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --quick, torch's own with "
+    parser.add_argument("--threads", type=_at_least(0), help="torch CPU threads (default: 1 with --quick, torch's own with "
                         "--full); on a busy 2-core machine two threads wait on each other and run 2-5x slower")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_at_least(0), default=0)
     over = parser.add_argument_group("schedule overrides (to compare schedules on validation)")
     over.add_argument("--teacher-epochs", type=_at_least(1))
     over.add_argument("--student-epochs", type=_at_least(1))
@@ -286,4 +288,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -14,10 +14,12 @@ model trained on; we also print it on the whole training set.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+from specialists.cli import exit_status
 from specialists.distill_config import load_distill_config
 from specialists.distill_run import run_distill
 
@@ -92,4 +94,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from typing import Callable
 
 from .choices import TEACHER_SOURCES
 from .config import load_config
@@ -179,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "resume", None) and getattr(args, "out", None):
         print("error: pass --out or --resume, not both", file=sys.stderr)
         return 2
+    return exit_status(lambda: args.handler(args))
+
+
+def exit_status(call: Callable[[], object]) -> int:
+    """Run `call` for a command (the CLI's, a job's main): 0, or 2 after a user's error printed as one line, or
+    130 after Ctrl-C. Any other error is raised, with its traceback."""
     try:
-        args.handler(args)
+        call()
     except KeyboardInterrupt as err:  # Ctrl-C: the shell's convention, 128 + SIGINT
         print(f"\ninterrupted{_notes(err)}", file=sys.stderr)
         return 130

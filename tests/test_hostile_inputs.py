@@ -13,6 +13,8 @@ import io
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 import specialists
-from conftest import write_csv
+from conftest import REPO, write_csv
 from specialists.cli import user_errors
 from specialists.config import ConfigError, TrainConfig, dump_config, load_config
 from specialists.data import DataError, check_run_fits_data, load_dataset
@@ -443,3 +445,23 @@ def test_huge_checkpoint_is_refused_before_allocation(tmp_path):
     write_json(folder / "model.json", spec)
     with pytest.raises(CheckpointError, match=str(folder)):
         load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("job, options, overrides, said", [
+    ("jobs.frontier", ["--budgets", "0.5", "-1", "--seeds", "0"], [],
+     "error: specialists.budget=-1.0: must be >= 0"),
+    ("jobs.accuracy", ["--seeds", "0", "--ablation", "--overlap-ratio", "0.5"], [],
+     "error: cluster.overlap_ratio=0.5: must be >= 1"),
+    ("jobs.distill_back", ["--seeds", "0"], ["student.cluster_weight=abc"],
+     "error: student.cluster_weight='abc': expected a number"),
+    ("jobs.mnist_paper", ["--quick", "--seed", "-3"], [], "argument --seed: -3 must be at least 0"),
+])
+def test_a_job_refuses_a_bad_setting_before_it_trains(job, options, overrides, said, tmp_path):
+    # Every setting a job will use is checked first: a bad one costs no training and leaves no folder.
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    places = ["--out", str(out), *(["--runs", str(runs)] if job == "jobs.distill_back" else [])]
+    done = subprocess.run([sys.executable, "-m", job, *options, *places, *overrides], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists() and not runs.exists()
