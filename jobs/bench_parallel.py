@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from jobs.arguments import at_least
 from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.parallel import ray_session, train_specialists
@@ -73,17 +74,15 @@ def machine_parallelism(workers: int, n: int = 5_000_000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2],
                         help="worker counts; the first is the baseline")
-    parser.add_argument("--epochs", type=int, default=120, help="epochs per specialist (all of them run)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden width of the generalist and specialists")
-    parser.add_argument("--repeat", type=int, default=2, help="measure each worker count this often, keep the best")
+    parser.add_argument("--epochs", type=at_least(1), default=120, help="epochs per specialist (all of them run)")
+    parser.add_argument("--hidden", type=at_least(1), default=256,
+                        help="hidden width of the generalist and specialists")
+    parser.add_argument("--repeat", type=at_least(1), default=2,
+                        help="measure each worker count this often, keep the best")
     parser.add_argument("--out", help="where to keep the run directory (default: a temporary one)")
     args = parser.parse_args()
-    for name in ("workers", "epochs", "hidden", "repeat"):  # refused before the generalist trains
-        values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            parser.error(f"--{name} must be at least 1")
     torch.set_num_threads(1)
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_parallel_"))

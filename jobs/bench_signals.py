@@ -39,6 +39,7 @@ import time
 import numpy as np
 import torch
 
+from jobs.arguments import at_least
 from specialists.cli import exit_status
 from specialists.cluster import ConfusionClusterer
 from specialists.covariance import correlation_from_covariance
@@ -52,6 +53,7 @@ from specialists.signals import (confusability, confusion_similarity, fold_of_ro
 from specialists.train import predict_logits
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+VAL_OR_TRAIN_SIGNALS = ("probs", "tempered", "train_tempered", "confusion", "head")  # out_of_fold has --oof
 
 
 def clusterer(cfg, k, seed):
@@ -165,20 +167,20 @@ def ensemble(base: str, out_dir: str, variants: list[str], json_out: str = "") -
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--n-clusters", type=int, default=0, help="0: the run's cluster settings")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--signals", nargs="+", default=["probs", "tempered", "train_tempered", "confusion", "head"])
-    parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
+    parser.add_argument("--n-clusters", type=at_least(0), default=0, help="0: the run's cluster settings")
+    parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--signals", nargs="+", choices=VAL_OR_TRAIN_SIGNALS, default=list(VAL_OR_TRAIN_SIGNALS),
+                        help="out_of_fold: --oof")
+    parser.add_argument("--temperatures", type=at_least(0.0, float, strict=True), nargs="+",
+                        default=list(TEMPERATURES))
     parser.add_argument("--oof", action="store_true", help="also out_of_fold (trains cluster.folds generalists)")
     parser.add_argument("--json", default="")
     parser.add_argument("--ensemble", default="", help="fork RUN_DIR per --variant into this folder")
     parser.add_argument("--variant", action="append", default=[], help="space-separated overrides")
-    parser.add_argument("--oracle-sizes", type=int, nargs="*", default=[],
+    parser.add_argument("--oracle-sizes", type=at_least(1), nargs="*", default=[],
                         help="also cut clusters of at most these many classes from the test errors themselves")
-    parser.add_argument("--oracle-starts", type=int, default=20, help="random starts of each oracle search")
+    parser.add_argument("--oracle-starts", type=at_least(1), default=20, help="random starts of each oracle search")
     args = parser.parse_args(argv)
-    if args.oracle_starts < 1:
-        parser.error(f"--oracle-starts {args.oracle_starts} must be at least 1")
     if args.ensemble:
         ensemble(args.run_dir, args.ensemble, args.variant, args.json)
         return

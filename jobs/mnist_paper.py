@@ -52,6 +52,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from jobs.arguments import at_least
 from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.distill import kept_gain
@@ -234,19 +235,6 @@ def record_schedule(out: Path, settings: dict) -> None:
         write_json(path, settings)
 
 
-def _at_least(low: float, kind=int, strict: bool = False):
-    """An argparse type: a number of `kind` >= low (> low when strict), refused before anything is written to OUT."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if value < low or (strict and value == low) or value != value:
-            raise argparse.ArgumentTypeError(f"{value} must be {'above' if strict else 'at least'} {low}")
-        return value
-    return parse
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -256,16 +244,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="directory of the runs (default runs/mnist-paper-<time>)")
     parser.add_argument("--data", type=Path, default=MNIST, help=f"MNIST IDX folder (default {MNIST})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=_at_least(0), help="torch CPU threads (default: 1 with --quick, torch's own with "
+    parser.add_argument("--threads", type=at_least(0), help="torch CPU threads (default: 1 with --quick, torch's own with "
                         "--full); on a busy 2-core machine two threads wait on each other and run 2-5x slower")
-    parser.add_argument("--seed", type=_at_least(0), default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     over = parser.add_argument_group("schedule overrides (to compare schedules on validation)")
-    over.add_argument("--teacher-epochs", type=_at_least(1))
-    over.add_argument("--student-epochs", type=_at_least(1))
-    over.add_argument("--patience", type=_at_least(0), help="epochs without validation gain before stopping (0: never)")
+    over.add_argument("--teacher-epochs", type=at_least(1))
+    over.add_argument("--student-epochs", type=at_least(1))
+    over.add_argument("--patience", type=at_least(0), help="epochs without validation gain before stopping (0: never)")
     over.add_argument("--lr-schedule", choices=["constant", "linear"])
-    over.add_argument("--teacher-lr", type=_at_least(0.0, float, strict=True), help="the big net's (Adam) learning rate")
-    over.add_argument("--max-norm", type=_at_least(0.0, float), help="the big net's max-norm constraint on each unit's incoming "
+    over.add_argument("--teacher-lr", type=at_least(0.0, float, strict=True), help="the big net's (Adam) learning rate")
+    over.add_argument("--max-norm", type=at_least(0.0, float), help="the big net's max-norm constraint on each unit's incoming "
                       "weights (train.max_norm; 0: off)")
     args = parser.parse_args(argv)
     schedule = "quick" if args.quick else "full"
