@@ -61,7 +61,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .stages import report_run
 
-    report_run(args.run_dir)
+    report_run(args.run_dir, out=args.out)
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write RUN_DIR/report/index.html and summary.md")
     report.add_argument("run_dir")
+    report.add_argument("--out", help="the report's folder (default: RUN_DIR/report); the run is only read, so a "
+                                      "run you cannot write to, such as one on a read-only share, gets its report")
     report.set_defaults(handler=_report)
 
     distill = commands.add_parser("distill", help="distil a teacher (trained here, or runs' models) into a student")

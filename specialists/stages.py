@@ -12,6 +12,7 @@ Also the handlers of `specialists cluster/evaluate/report`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import time
@@ -309,8 +310,9 @@ def evaluate_hybrid(model, dataset: Dataset, batch: int, metrics: dict) -> dict:
                                             "conditional_accuracy")}}
 
 
-def write_run_report(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log) -> dict:
-    """`report/index.html` and `report/summary.md` from the run directory's files."""
+def write_run_report(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torch.device, log: Log,
+                     out: Path | None = None) -> dict:
+    """`index.html` and `summary.md` in `out` (default: the run's `report/`) from the run directory's files."""
     run.require(run.clusters, what="cluster")
     clusters = read_json(run.clusters)
     covariance_file = run.root / "covariance.npy"
@@ -327,7 +329,7 @@ def write_run_report(cfg: RunConfig, dataset: Dataset, run: RunDir, device: torc
     if kind == "correlation":
         cov = correlation_from_covariance(cov, overwrite=True)  # no second (C, C) matrix
     paths = write_report(
-        run.report, dataset.classes, cov, [g["classes"] for g in clusters["groups"]], matrix_kind=kind,
+        out or run.report, dataset.classes, cov, [g["classes"] for g in clusters["groups"]], matrix_kind=kind,
         uncovered=clusters["uncovered"]["classes"],
         error_pairs=error_pairs(model, dataset.val, cfg.train.eval_batch_size, device),
         heldout_pairs=error_pairs(model, getattr(dataset, held), cfg.train.eval_batch_size, device), heldout_name=held,
@@ -623,9 +625,15 @@ def evaluate_command(run_dir: str | Path, log: Log = print) -> RunDir:
     return run
 
 
-def report_run(run_dir: str | Path, log: Log = print) -> RunDir:
-    """`specialists report RUN_DIR`: the HTML/Markdown report from a run directory."""
+def report_run(run_dir: str | Path, log: Log = print, out: str | Path | None = None) -> RunDir:
+    """`specialists report RUN_DIR [--out DIR]`: the HTML/Markdown report from a run directory, written into
+    DIR (default: RUN_DIR/report); with --out the run directory is only read."""
     run = RunDir(run_dir)
     cfg, dataset = dataset_for_run(run)
-    write_run_report(cfg, dataset, run, setup_torch(cfg), log)
+    try:
+        write_run_report(cfg, dataset, run, setup_torch(cfg), log, out=Path(out) if out else None)
+    except OSError as err:
+        if out is None and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            err.add_note(f"write the report elsewhere: specialists report {run.root} --out DIR")
+        raise
     return run

@@ -79,6 +79,19 @@ def test_recluster_and_report_commands(planted_run, tmp_path, capsys):
     assert (run / "report" / "index.html").is_file()
 
 
+def test_report_out_writes_elsewhere_and_only_reads_the_run(planted_run, tmp_path, capsys):
+    # For a run the user cannot write to (a colleague's, a read-only share): the run is read, never written.
+    before = {p: p.read_bytes() for p in sorted(planted_run.rglob("*")) if p.is_file()}
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(planted_run), "--out", str(out)]) == 0
+    assert f"report: {out / 'index.html'}" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in sorted(planted_run.rglob("*")) if p.is_file()} == before
+    summary = (out / "summary.md").read_text()
+    for group in json.loads((planted_run / "clusters.json").read_text())["groups"]:
+        assert all(name in summary for name in group["names"])
+    assert {p.name for p in out.iterdir()} == {"index.html", "summary.md", "heatmap.png", "cluster_sizes.png"}
+
+
 @pytest.mark.parametrize("args, expect", [
     (["cluster", "{run}", "cluster.n_clusters=61"], "cluster.n_clusters=61 must be <= n_classes=60"),
     (["cluster", "{run}", "cluster.n_clusters=-1"], "cluster.n_clusters=-1"),
