@@ -224,6 +224,14 @@ def _check_socket_paths() -> None:
                           "to a shorter directory (RAY_TMPDIR=/tmp)")
 
 
+def _check_local_machine(cfg: RayConfig) -> None:
+    """What a local instance needs of this machine, checked before ray.init: the GPUs asked for, Unix socket
+    paths that fit, a reachable 127.0.0.1."""
+    _check_local_gpus(cfg)
+    _check_socket_paths()
+    _check_loopback()
+
+
 def check_resources(cfg: RayConfig, where: str) -> dict:
     """The connected cluster's totals; ConfigError if no single node could run one specialist."""
     return _check_nodes(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")], where)
@@ -274,9 +282,7 @@ def preflight(cfg: RayConfig, log: Log = print) -> dict:
     if address:
         with ray_session(cfg, log) as resources:
             return resources
-    _check_local_gpus(cfg)
-    _check_socket_paths()
-    _check_loopback()
+    _check_local_machine(cfg)
     gpus = torch.cuda.device_count()
     return _check_nodes(cfg, [{"CPU": float(cfg.num_cpus or _local_cpus()), "GPU": float(gpus)}],
                         "the local Ray instance")
@@ -292,9 +298,7 @@ def _connect(cfg: RayConfig) -> str:
         except ConnectionError as err:
             raise ConfigError(f"{key}={address!r}: {err}") from None
         return f"the Ray cluster at {address}"
-    _check_local_gpus(cfg)
-    _check_socket_paths()
-    _check_loopback()
+    _check_local_machine(cfg)
     # "local": a new instance even when `ray start` left one running here (ray.init() would join that)
     ray.init(address="local", num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level=logging.WARNING)
     return "the local Ray instance"
