@@ -25,9 +25,10 @@ A bad Ray setting fails within seconds, never by waiting forever: an address
 where no Ray cluster answers (probed with one gRPC call and a deadline before
 ray.init, which itself would retry for minutes), a cluster that would refuse the
 auth token ray.init sends (the same call, with that token), a local instance on a machine
-that cannot reach 127.0.0.1 (its loopback interface down) or whose temp dir is too
-deep for Unix sockets, or more CPUs / GPUs per task than any node of the cluster
-has (a task Ray could never schedule).
+that cannot reach 127.0.0.1 (its loopback interface down), whose temp dir is too
+deep for Unix sockets or whose home cannot take the auth token Ray would write,
+or more CPUs / GPUs per task than any node of the cluster has (a task Ray could
+never schedule).
 `preflight` runs these checks before the generalist trains (stages.py).
 """
 
@@ -224,12 +225,37 @@ def _check_socket_paths() -> None:
                           "to a shorter directory (RAY_TMPDIR=/tmp)")
 
 
+def _check_token_file() -> None:
+    """A local instance with token authentication (Ray's default since 2.5x) that finds no token writes a new
+    one to ~/.ray/auth_token. Where that cannot be written (a read-only home), ray.init fails once the generalist
+    has trained."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _get_default_token_path
+        from ray._raylet import AuthenticationTokenLoader
+
+        if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+            return
+        path = _get_default_token_path()
+    except Exception:  # noqa: BLE001 - a Ray without token auth, or a token it cannot read: ray.init will say
+        return
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # what Ray would write into
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise ConfigError(f"a local Ray instance uses token authentication (Ray's default) and, finding no token, "
+                          f"would write one to {path}, but {folder} cannot be written: set RAY_AUTH_TOKEN to any "
+                          "long random string (`export RAY_AUTH_TOKEN=$(python -c 'import secrets; "
+                          "print(secrets.token_hex(32))')`), or RAY_AUTH_MODE=disabled")
+
+
 def _check_local_machine(cfg: RayConfig) -> None:
     """What a local instance needs of this machine, checked before ray.init: the GPUs asked for, Unix socket
-    paths that fit, a reachable 127.0.0.1."""
+    paths that fit, a reachable 127.0.0.1, a token or a home it can write one to."""
     _check_local_gpus(cfg)
     _check_socket_paths()
     _check_loopback()
+    _check_token_file()
 
 
 def check_resources(cfg: RayConfig, where: str) -> dict:

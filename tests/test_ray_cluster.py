@@ -200,6 +200,39 @@ def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
     assert not out.exists()  # checked before the run directory is made
 
 
+def _can_unshare_mounts() -> bool:
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rm", "true"],
+                                                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="no `unshare -rm` here (user mount namespaces)")
+def test_a_read_only_home_without_a_token_fails_before_training(tmp_path):
+    # Ray's local instance would write a new auth token to ~/.ray/auth_token, after the generalist has trained.
+    home, out = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    script = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})",
+        "from conftest import tiny_config",
+        "from specialists.config import ConfigError",
+        "from specialists.stages import run_pipeline",
+        "try:",
+        f"    run_pipeline(tiny_config('specialists.enabled=true'), {str(out)!r}, log=lambda s: None, progress=False)",
+        "except ConfigError as err:",
+        "    print('ConfigError:', err)",
+    ])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
+    quoted = shlex.quote(str(home))
+    mount = f"mount --bind {quoted} {quoted} && mount -o remount,ro,bind {quoted}"  # home read-only, in the namespace
+    done = subprocess.run(["unshare", "-rm", "bash", "-c", f"{mount} && exec {shlex.quote(sys.executable)} -c "
+                           f"{shlex.quote(script)}"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (f"ConfigError: a local Ray instance uses token authentication (Ray's default) and, finding no token, "
+            f"would write one to {home / '.ray' / 'auth_token'}, but {home} cannot be written") in done.stdout, \
+        done.stdout + done.stderr
+    assert not out.exists() and not (home / ".ray").exists()
+
+
 def test_a_temp_dir_too_deep_for_ray_sockets_fails_before_training(tmp_path, monkeypatch):
     deep = tmp_path / ("d" * 70)  # Ray's Unix sockets would lie some 70 bytes below it
     deep.mkdir()
