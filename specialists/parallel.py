@@ -85,7 +85,11 @@ def _probe(target: str, method: str, request: bytes, what: str, timeout: float, 
     """
     import grpc  # a dependency of ray
 
-    with grpc.insecure_channel(target) as channel:
+    try:  # Ray's own channel options: no HTTP proxy (http_proxy in the environment) unless RAY_grpc_enable_http_proxy
+        from ray._private.ray_constants import GLOBAL_GRPC_OPTIONS as options
+    except ImportError:
+        options = (("grpc.enable_http_proxy", 0),)
+    with grpc.insecure_channel(target, options=options) as channel:
         try:
             channel.unary_unary(method)(request, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as err:

@@ -116,8 +116,10 @@ def test_a_job_submitted_to_a_ray_head_trains_the_specialists(ray_head, tmp_path
     assert metrics["specialists"]["test_conditional_accuracy"] > 0.5
 
 
-def test_a_cluster_that_would_refuse_the_token_is_named_before_training(ray_head, tmp_path):
-    # ray.init would retry for a minute against it and then blame the address
+def test_the_address_check_joins_as_ray_init_would(ray_head, tmp_path):
+    # A head that would refuse this machine's token is named before training (ray.init would retry for a minute
+    # and then blame the address); one that ray.init can join passes, even with an HTTP proxy in the environment,
+    # which Ray's channels do not use.
     url, headers, head, address, token = ray_head
     _client(url, headers, head)  # the head is up
     script = "\n".join([
@@ -135,7 +137,8 @@ def test_a_cluster_that_would_refuse_the_token_is_named_before_training(ray_head
              ({"RAY_AUTH_TOKEN": token}, "ray.init sends this machine's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
                                          "or ~/.ray/auth_token) only with RAY_AUTH_MODE=token"),
              ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}, "refused this machine's token"),
-             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, None)]
+             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, None),
+             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "http_proxy": "http://127.0.0.1:9"}, None)]
     for extra, refusal in cases:
         done = subprocess.run([sys.executable, "-c", script], env=base | extra, capture_output=True, text=True,
                               timeout=120)
