@@ -174,16 +174,9 @@ def test_something_that_is_not_ray_is_not_taken_for_a_cluster():
     assert time.monotonic() - started < 5 and not ray.is_initialized()
 
 
-def _can_unshare_network() -> bool:
-    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rn", "true"],
-                                                          capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare_network(), reason="no `unshare -rn` here (user network namespaces)")
-def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
-    # A fresh network namespace has its loopback interface down: ray.init would retry for minutes there.
-    out = tmp_path / "run"
-    script = "\n".join([
+def _tiny_run_script(out) -> str:
+    """Python that runs a tiny run with specialists into `out` and prints a ConfigError it raises."""
+    return "\n".join([
         "import sys",
         f"sys.path.insert(0, {str(REPO / 'tests')!r})",
         "from conftest import tiny_config",
@@ -194,6 +187,18 @@ def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
         "except ConfigError as err:",
         "    print('ConfigError:', err)",
     ])
+
+
+def _can_unshare_network() -> bool:
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rn", "true"],
+                                                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_network(), reason="no `unshare -rn` here (user network namespaces)")
+def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
+    # A fresh network namespace has its loopback interface down: ray.init would retry for minutes there.
+    out = tmp_path / "run"
+    script = _tiny_run_script(out)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     done = subprocess.run(["unshare", "-rn", sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120)
@@ -213,17 +218,7 @@ def test_a_read_only_home_without_a_token_fails_before_training(tmp_path):
     # Ray's local instance would write a new auth token to ~/.ray/auth_token, after the generalist has trained.
     home, out = tmp_path / "home", tmp_path / "run"
     home.mkdir()
-    script = "\n".join([
-        "import sys",
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})",
-        "from conftest import tiny_config",
-        "from specialists.config import ConfigError",
-        "from specialists.stages import run_pipeline",
-        "try:",
-        f"    run_pipeline(tiny_config('specialists.enabled=true'), {str(out)!r}, log=lambda s: None, progress=False)",
-        "except ConfigError as err:",
-        "    print('ConfigError:', err)",
-    ])
+    script = _tiny_run_script(out)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
     quoted = shlex.quote(str(home))
     mount = f"mount --bind {quoted} {quoted} && mount -o remount,ro,bind {quoted}"  # home read-only, in the namespace
