@@ -169,6 +169,10 @@ def _check_reachable(address: str, key: str, timeout: float) -> None:
         if not resolved:
             return
         address = resolved
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}={address!r} is a dashboard's address, what `ray job submit` takes; a run joins a "
+                          "cluster at its head's port (HOST:6379, or 'auto' on one of its nodes), and a run submitted "
+                          "as a Ray job joins its cluster by itself")
     client = address.startswith("ray://")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():

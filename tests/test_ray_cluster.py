@@ -162,6 +162,15 @@ def test_an_unreachable_address_fails_within_seconds(tmp_path):
     assert not ray.is_initialized()
 
 
+def test_a_dashboard_address_is_refused_at_once(tmp_path, monkeypatch):
+    # RAY_ADDRESS=http://HEAD:8265 is what `ray job submit` takes; left exported, it is not a cluster to join
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match=r"RAY_ADDRESS='http://127.0.0.1:8265' is a dashboard's address, what "
+                                          r"`ray job submit` takes; a run joins a cluster at its head's port"):
+        run_pipeline(tiny_config("specialists.enabled=true"), tmp_path / "run", log=lambda s: None, progress=False)
+    assert not (tmp_path / "run").exists() and not ray.is_initialized()
+
+
 def test_something_that_is_not_ray_is_not_taken_for_a_cluster():
     with socket.socket() as server:  # a listening TCP port that speaks no gRPC
         server.bind(("127.0.0.1", 0))
