@@ -13,6 +13,7 @@ from typing import Callable
 
 from .choices import TEACHER_SOURCES
 from .config import load_config
+from .rundir import WRITES_REFUSED
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -206,7 +207,7 @@ def exit_status(call: Callable[[], object]) -> int:
 
 
 # The file system's refusals a user fixes (permissions, a full disk, a read-only mount): a message, not a traceback.
-USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+USER_OS_ERRORS = (*WRITES_REFUSED, errno.ENOSPC, errno.EDQUOT)
 
 
 def _notes(err: BaseException) -> str:

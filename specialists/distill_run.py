@@ -50,7 +50,7 @@ file orchestrates them. Outputs land in one directory, which
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -67,7 +67,7 @@ from .distill_teachers import (Teacher, check_same_classes, check_same_data, che
                                module_teacher, run_teacher, shift_averaged, teacher_scores)
 from .generalist import build_model, fit_generalist
 from .models import load_checkpoint, model_kwargs, save_checkpoint
-from .rundir import RunDir, write_json, write_text
+from .rundir import WRITES_REFUSED, RunDir, write_json, write_text
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .train import TrainResult, predict_logits, seed_everything, train_model
 from .transfer import Augmenter, TransferSet, make_transfer_set
@@ -148,6 +148,7 @@ class _Job:
     run_seed: int = 0  # the first teacher run's seed (its folds are drawn with it)
     out: RunDir | None = None
     generalist_predicted: np.ndarray | None = None  # (N_test,) the teacher run's generalist's classes
+    teacher_section: dict = field(default_factory=dict)  # this student as a row of the teacher run's Table 3
 
 
 def _prepare(cfg: DistillConfig) -> _Job:
@@ -493,8 +494,15 @@ def _report_kept_gain(job: _Job, teacher: dict, teacher_correct: np.ndarray, stu
                    "transfer_examples": len(job.transfer), "student_parameters": student["parameters"]}
         if "reason" in kept:
             section["reason"] = kept["reason"]
+        job.teacher_section = section
         for run in job.runs:
-            run.update_metrics({RUN_SECTIONS[cfg.teacher.source]: section})
+            try:
+                run.update_metrics({RUN_SECTIONS[cfg.teacher.source]: section})
+            except OSError as err:
+                if err.errno not in WRITES_REFUSED:
+                    raise
+                log(f"teacher run {run.root} cannot be written ({err.strerror}): its metrics.json and Table 3 do "
+                    f"not list this student; the student's own report does")
 
 
 def _write_report(job: _Job) -> None:
@@ -506,7 +514,7 @@ def _write_report(job: _Job) -> None:
     if job.runs and job.cfg.teacher.source in RUN_SECTIONS:
         run_metrics = job.runs[0].read_metrics()
         table = {key: run_metrics[key] for key in ("generalist", "ensemble", "peer_ensemble") if key in run_metrics}
-        table[RUN_SECTIONS[job.cfg.teacher.source]] = run_metrics.get(RUN_SECTIONS[job.cfg.teacher.source], {})
+        table[RUN_SECTIONS[job.cfg.teacher.source]] = job.teacher_section
     write_results_report(job.out.report, table, metrics, to_dict(job.cfg),
                          title=f"Distilled student of {', '.join(str(r.root) for r in job.runs) or 'a teacher'}")
 

@@ -14,6 +14,7 @@ cannot be checked) refuses the second writer with RunDirError naming both.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -26,6 +27,10 @@ from typing import Any, Callable
 
 class RunDirError(ValueError):
     """A run directory is missing, incomplete or not ours."""
+
+
+# What a file system answers where it will not take writes here: permissions, a read-only mount.
+WRITES_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

@@ -12,7 +12,6 @@ Also the handlers of `specialists cluster/evaluate/report`.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ from .generalist import fit_generalist, is_loaded, load_generalist
 from .models import CheckpointError, load_checkpoint, model_kwargs, save_checkpoint, torch_threads
 from .peer import train_peers
 from .report import error_share_inside, format_summary, random_share, write_report
-from .rundir import RunDir, RunDirError, atomic_write, read_json, write_json, write_text
+from .rundir import WRITES_REFUSED, RunDir, RunDirError, atomic_write, read_json, write_json, write_text
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .signals import cluster_rows, confusability, heldout_split
 from .specialist import specialists_done
@@ -633,7 +632,7 @@ def report_run(run_dir: str | Path, log: Log = print, out: str | Path | None = N
     try:
         write_run_report(cfg, dataset, run, setup_torch(cfg), log, out=Path(out) if out else None)
     except OSError as err:
-        if out is None and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if out is None and err.errno in WRITES_REFUSED:
             err.add_note(f"write the report elsewhere: specialists report {run.root} --out DIR")
         raise
     return run

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -400,3 +403,29 @@ def test_student_output_size_must_match(teacher_run):
     with pytest.raises(DistillError, match="soft targets have shape"):
         train_student(student, transfer, soft[:10], ds.val.inputs, ds.val.labels, tiny_config().train,
                       temperature=2, soft_weight=0.5, seed=0, progress=False)
+
+
+def _can_unshare_mounts() -> bool:
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rm", "true"],
+                                                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="no `unshare -rm` here (user mount namespaces)")
+def test_a_read_only_teacher_run_still_gets_its_student(tmp_path):
+    # A colleague's run on a read-only share: the student and its report are written; only the teacher run's own
+    # metrics cannot list it, which is said, not an error.
+    teacher, out = tmp_path / "teacher", tmp_path / "student"
+    run_pipeline(tiny_config("peer.enabled=false"), teacher, **QUIET)
+    before = (teacher / "metrics.json").read_bytes()
+    quoted = shlex.quote(str(teacher))
+    distill = shlex.join([sys.executable, "-m", "specialists.cli", "distill", "--teacher", str(teacher), "--out",
+                          str(out), "student.train.epochs=2", "threads=1"])
+    done = subprocess.run(["unshare", "-rm", "bash", "-c", f"mount --bind {quoted} {quoted} && "
+                           f"mount -o remount,ro,bind {quoted} && {distill}"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"teacher run {teacher} cannot be written (Read-only file system)" in done.stdout
+    assert (teacher / "metrics.json").read_bytes() == before
+    student = json.loads((out / "metrics.json").read_text())["student"]
+    summary = (out / "report" / "summary.md").read_text()
+    assert "one model distilled from generalist + specialists" in summary and f"{student['test_errors']} |" in summary
