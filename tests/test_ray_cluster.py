@@ -32,22 +32,44 @@ RAY = Path(sys.executable).parent / "ray"
 EXCLUDES = [".git", ".venv", "runs", "build", "*.egg-info", ".pytest_cache", "__pycache__"]
 
 
+def _start_head(env: dict, temp_dir: str, attempts: int = 3):
+    """(process, GCS port, dashboard port, log file) of a `ray start --head` whose GCS listens.
+
+    Ports are picked free just before the start, and a Ray instance another
+    test left running may take one meanwhile: a head that exits while it
+    starts is started again on fresh ports, and its log shown if none starts."""
+    for attempt in range(attempts):
+        port, dashboard = free_port(), free_port()
+        cmd = [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+               f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
+               f"--temp-dir={temp_dir}", *agent_ports()]
+        log_path = Path(temp_dir) / f"head{attempt}.log"
+        log = open(log_path, "w")
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while head.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return head, port, dashboard, log
+            time.sleep(0.5)
+        log.close()
+        if head.poll() is None:  # neither listening nor gone: stop it and report
+            os.killpg(head.pid, signal.SIGKILL)
+            break
+    pytest.fail(f"ray start --head did not start in {attempt + 1} attempt(s):\n{log_path.read_text()[-3000:]}")
+
+
 @pytest.fixture
 def ray_head():
     """(dashboard URL, auth headers, process, GCS address, token) of a head node started for one test."""
     if ray.is_initialized():
         ray.shutdown()
-    port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    cmd = [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
-           f"--temp-dir={temp_dir}", *agent_ports()]
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    head, port, dashboard, log = _start_head(env, temp_dir)
     try:
         yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}, head, f"127.0.0.1:{port}", token
     finally:
