@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,12 @@ def local_ray():
 
     with ray_session(RayConfig(num_cpus=2), log=lambda line: None):
         yield
+
+
+def can_unshare(flag: str) -> bool:
+    """Whether `unshare -r<flag>` works here (user namespaces: n for network, m for mounts)."""
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", f"-r{flag}", "true"],
+                                                          capture_output=True).returncode == 0
 
 
 def free_port() -> int:

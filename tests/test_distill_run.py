@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST_DIR, TINY_SYNTHETIC, tiny_config
+from conftest import MNIST_DIR, TINY_SYNTHETIC, can_unshare, tiny_config
 from specialists import distill_teachers
 from specialists.cli import main
 from specialists.config import ConfigError
@@ -405,12 +405,7 @@ def test_student_output_size_must_match(teacher_run):
                       temperature=2, soft_weight=0.5, seed=0, progress=False)
 
 
-def _can_unshare_mounts() -> bool:
-    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rm", "true"],
-                                                          capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare_mounts(), reason="no `unshare -rm` here (user mount namespaces)")
+@pytest.mark.skipif(not can_unshare("m"), reason="no `unshare -rm` here (user mount namespaces)")
 def test_a_read_only_teacher_run_still_gets_its_student(tmp_path):
     # A colleague's run on a read-only share: the student and its report are written; only the teacher run's own
     # metrics cannot list it, which is said, not an error.

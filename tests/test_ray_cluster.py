@@ -23,7 +23,7 @@ import pytest
 import ray
 import torch
 
-from conftest import REPO, TINY_SYNTHETIC, agent_ports, free_port, tiny_config
+from conftest import REPO, TINY_SYNTHETIC, agent_ports, can_unshare, free_port, tiny_config
 from specialists.config import ConfigError, RayConfig
 from specialists.parallel import preflight, ray_session
 from specialists.stages import run_pipeline
@@ -220,12 +220,7 @@ def _tiny_run_script(out) -> str:
     ])
 
 
-def _can_unshare_network() -> bool:
-    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rn", "true"],
-                                                          capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare_network(), reason="no `unshare -rn` here (user network namespaces)")
+@pytest.mark.skipif(not can_unshare("n"), reason="no `unshare -rn` here (user network namespaces)")
 def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
     # A fresh network namespace has its loopback interface down: ray.init would retry for minutes there.
     out = tmp_path / "run"
@@ -239,12 +234,7 @@ def test_a_local_instance_without_loopback_fails_before_training(tmp_path):
     assert not out.exists()  # checked before the run directory is made
 
 
-def _can_unshare_mounts() -> bool:
-    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-rm", "true"],
-                                                          capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare_mounts(), reason="no `unshare -rm` here (user mount namespaces)")
+@pytest.mark.skipif(not can_unshare("m"), reason="no `unshare -rm` here (user mount namespaces)")
 def test_a_read_only_home_without_a_token_fails_before_training(tmp_path):
     # Ray's local instance would write a new auth token to ~/.ray/auth_token, after the generalist has trained.
     home, out = tmp_path / "home", tmp_path / "run"
