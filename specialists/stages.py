@@ -627,6 +627,8 @@ def evaluate_command(run_dir: str | Path, log: Log = print) -> RunDir:
 def report_run(run_dir: str | Path, log: Log = print, out: str | Path | None = None) -> RunDir:
     """`specialists report RUN_DIR [--out DIR]`: the HTML/Markdown report from a run directory, written into
     DIR (default: RUN_DIR/report); with --out the run directory is only read."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise RunDirError(f"--out {out} exists and is not a folder")
     run = RunDir(run_dir)
     cfg, dataset = dataset_for_run(run)
     try:

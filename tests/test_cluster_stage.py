@@ -92,6 +92,14 @@ def test_report_out_writes_elsewhere_and_only_reads_the_run(planted_run, tmp_pat
     assert {p.name for p in out.iterdir()} == {"index.html", "summary.md", "heatmap.png", "cluster_sizes.png"}
 
 
+def test_report_out_that_is_a_file_is_refused(planted_run, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert main(["report", str(planted_run), "--out", str(taken)]) == 2
+    assert f"--out {taken} exists and is not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, expect", [
     (["cluster", "{run}", "cluster.n_clusters=61"], "cluster.n_clusters=61 must be <= n_classes=60"),
     (["cluster", "{run}", "cluster.n_clusters=-1"], "cluster.n_clusters=-1"),
