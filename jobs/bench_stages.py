@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.arguments import at_least
 from specialists.cli import exit_status
 from specialists.config import load_config
 from specialists.report.document import Doc, Para, Table, render_md
@@ -112,14 +113,12 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config (default: the built-in Banking77 defaults)")
     parser.add_argument("--out", help="run directory (default: a temporary one, removed after); with --repeat, "
                                       "one folder 1, 2, ... in it per run")
-    parser.add_argument("--repeat", type=int, default=1,
+    parser.add_argument("--repeat", type=at_least(1), default=1,
                         help="runs, each in a process of its own, one after another; the goal is judged on their "
                              "medians (default 1)")
     parser.add_argument("--goal-json", help=argparse.SUPPRESS)  # where a repeated run leaves its goal figures
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error(f"--repeat {args.repeat} must be at least 1")
     cfg = load_config(args.config, args.overrides)  # a bad config is refused before any run
     if args.repeat > 1:
         repeat(args)
