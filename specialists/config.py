@@ -329,6 +329,9 @@ class SpecialistsConfig:
     # (README, Performance: the accuracy-compute frontier).
     budget: float = 0.5
     schedule: str = ""  # "": train.schedule; linear: the learning rate decays to 0 over each one's budget share
+    # Parameters a specialist keeps at their starting values, by name prefix (`model.named_parameters()`, e.g.
+    # [embedding] for fastText's table, or a backbone you bring): cheaper steps, nothing learnt below them
+    freeze: list[str] = field(default_factory=list)
 
     def hashing(self) -> dict:
         """The fasttext settings a specialist reads instead of the generalist's (empty: the same)."""
@@ -369,6 +372,8 @@ class SpecialistsConfig:
                  f"must be one of {SCHEDULES}, or empty for train.schedule")
         require(self.budget >= 0, f"{prefix}.budget", self.budget,
                  "must be >= 0: extra examples as a fraction of the generalist's (0 = no budget)")
+        require(all(name.strip() for name in self.freeze), f"{prefix}.freeze", self.freeze,
+                "names must not be empty: a prefix of parameter names, e.g. [embedding]")
 
 
 @dataclass(frozen=True)

@@ -473,7 +473,7 @@ class _ShapesOnly(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _skeleton(name: str, kwargs: dict) -> nn.Module:
+def model_skeleton(name: str, kwargs: dict) -> nn.Module:
     """Model `name` with meta tensors of the right shapes: what `kwargs` would allocate, allocating nothing."""
     with _ShapesOnly():
         return create_model(name, **kwargs)
@@ -483,16 +483,16 @@ def model_to_load(name: str, kwargs: dict, skeleton: nn.Module | None = None) ->
     """Model `name`, for load_state_dict to fill: a model built here is allocated but not initialised (all
     its tensors are in its state dict, and drawing millions of random weights only to overwrite them
     costs a third of a second per model); a model you bring is built by its factory, whose modules may
-    hold tensors outside their state dict. skeleton: `_skeleton(name, kwargs)`, if already built."""
+    hold tensors outside their state dict. skeleton: `model_skeleton(name, kwargs)`, if already built."""
     if name in USER_MODELS:
         return create_model(name, **kwargs)
-    return (skeleton if skeleton is not None else _skeleton(name, kwargs)).to_empty(device="cpu")
+    return (skeleton if skeleton is not None else model_skeleton(name, kwargs)).to_empty(device="cpu")
 
 
 def _sized(name: str, kwargs: dict) -> dict:
     """`kwargs`, once the model they build is known to hold at most MAX_PARAMETERS weights (counted on
     the meta device, which allocates nothing)."""
-    n = sum(p.numel() for p in _skeleton(name, kwargs).parameters())
+    n = sum(p.numel() for p in model_skeleton(name, kwargs).parameters())
     if n > MAX_PARAMETERS:
         raise ConfigError(f"model.hidden={kwargs['hidden']}: the {name} model on these data would have {n} weights, "
                           f"over {MAX_PARAMETERS}; use smaller model.hidden (or model.embed_dim, model.buckets)")
@@ -595,7 +595,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> n
     # Sizes in model.json are untrusted: build the model on the meta device first (no memory) and compare
     # its tensor shapes with the weights file's header, so the real build allocates no more than the file holds.
     try:
-        skeleton = _skeleton(spec["name"], kwargs)
+        skeleton = model_skeleton(spec["name"], kwargs)
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise CheckpointError(f"{spec_path}: cannot build {spec['name']!r} from its kwargs: {err}") from None
     stored = stored_shapes(weights_path, weights_path)

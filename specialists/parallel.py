@@ -63,6 +63,7 @@ from .specialist import (SPECIALIST_FILE, SpecialistTrainingError, file_sha256, 
                          train_specialist)
 from .specialist_data import (ShardStore, SpecialistData, cut_generalist_outputs, plan_specialist, run_budget,
                               specialist_data)
+from .train import frozen_parameters
 
 Log = Callable[[str], None]
 SHARDS_PREFIX = ".specialist-shards-"  # scratch folder of the specialists stage in the run directory
@@ -555,6 +556,7 @@ def _specialist_info(cfg: RunConfig, dataset: Dataset, m: int, classes: list[int
         "temperature": s.temperature,
         "widen": s.widen,
         "init": s.init,
+        "freeze": list(s.freeze),
         "seed": cfg.seed + m,
         "generalist_sha256": sha,
         "worker": result["worker"],
@@ -674,6 +676,7 @@ def train_specialists(cfg: RunConfig, dataset: Dataset, run: RunDir, device: tor
     """
     run.require(run.generalist / "model.safetensors", what="generalist")
     generalist = load_checkpoint(run.generalist, device)
+    frozen_parameters(generalist, cfg.specialists.freeze)  # a specialist's parameters bear its generalist's names
     groups = read_groups(run, dataset.classes, generalist.head.out_features)
     skipped = [m for m, group in enumerate(groups) if len(group) == dataset.n_classes]
     if skipped:

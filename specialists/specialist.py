@@ -39,7 +39,7 @@ from .models import (CheckpointError, load_checkpoint, model_to_load, read_only_
                      with_dustbin_head, with_fresh_weights)
 from .rundir import RunDir, RunDirError, read_json, write_json
 from .specialist_data import SpecialistData, logits_by_batch, specialist_train_config
-from .train import TrainResult, predict_logits, seed_everything, train_model
+from .train import TrainResult, freeze, predict_logits, seed_everything, train_model
 
 SPECIALIST_FILE = "specialist.json"  # written last: its presence means the folder is whole
 
@@ -105,6 +105,7 @@ def train_specialist(generalist: nn.Module, data: SpecialistData, val: Split, cf
         model = with_dustbin_head(generalist, classes, widen=s.widen)
         if s.init == "scratch":
             model = with_fresh_weights(model, **s.fresh_network())
+    freeze(model, s.freeze)
     correction = dustbin_correction(plan.fraction, plan.natural_fraction)
     prior_shift = correction if s.dustbin_correction == "prior" else 0.0
     stored_correction = 0.0 if s.dustbin_correction == "none" else correction

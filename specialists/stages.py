@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .choices import USER_MODELS
 from .cluster import ConfusionClusterer, InvalidParameterError, clusters_to_json
 from .combination_choice import candidate_settings, choose_combination, clear_choices, write_choice
 from .config import ConfigError, RunConfig, dump_config, load_config, parse_override, to_dict
@@ -28,14 +29,14 @@ from .covariance import correlation_from_covariance, rows_per_batch
 from .data import Dataset, Split, check_run_fits_data, load_dataset, read_unlabeled_inputs
 from .evaluation import StreamedComparison
 from .generalist import fit_generalist, is_loaded, load_generalist
-from .models import CheckpointError, load_checkpoint, model_kwargs, save_checkpoint, torch_threads
+from .models import CheckpointError, load_checkpoint, model_kwargs, model_skeleton, save_checkpoint, torch_threads
 from .peer import train_peers
 from .report import error_share_inside, format_summary, random_share, write_report
 from .rundir import WRITES_REFUSED, RunDir, RunDirError, atomic_write, read_json, write_json, write_text
 from .runtime import Log, data_summary, dataset_for_run, default_out_dir, setup_torch, timed_stage
 from .signals import cluster_rows, confusability, heldout_split
 from .specialist import specialists_done
-from .train import accuracy, iter_logits, predict_classes
+from .train import accuracy, frozen_parameters, iter_logits, predict_classes
 
 # ---------------------------------------------------------------------------
 # generalist
@@ -459,7 +460,9 @@ def run_pipeline(cfg: RunConfig | None, out: str | Path | None = None, resume: b
     device = setup_torch(cfg)
     dataset = load_dataset(cfg.data, cfg.seed)  # validate data and model before anything is written
     check_run_fits_data(cfg, dataset)
-    model_kwargs(cfg.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
+    kwargs = model_kwargs(cfg.model, dataset.input_kind, dataset.input_shape, dataset.n_classes)
+    if cfg.specialists.enabled and cfg.specialists.freeze and cfg.model.name not in USER_MODELS:
+        frozen_parameters(model_skeleton(cfg.model.name, kwargs), cfg.specialists.freeze)  # yours: at their stage
     needs_ray = _needs_ray(cfg, run, resume)
     if needs_ray:
         from .parallel import preflight  # ray: imported only by runs that train specialists

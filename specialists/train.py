@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .sparse_adam import RowSparseAdam
 
 # loss_fn(logits (B, K), labels (B,), index (B,) positions in the training set) -> {"loss": scalar, ...parts}
@@ -140,16 +140,45 @@ def _kept(state: dict, kept: dict | None) -> dict:
     return kept
 
 
+def frozen_parameters(model: nn.Module, prefixes: list[str], key: str = "specialists.freeze") -> list[str]:
+    """The names of `model`'s parameters under any of `prefixes` (a name, or a module path above names).
+
+    Raises ConfigError naming `key` where a prefix matches no parameter, or every parameter would be frozen.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    frozen = []
+    for prefix in prefixes:
+        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            tops = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(f"{key}={list(prefixes)!r}: {prefix!r} names no parameter of the "
+                              f"{getattr(model, 'spec', {}).get('name', 'model')} model; its parameters are under "
+                              f"{tops}")
+        frozen += [name for name in matched if name not in frozen]
+    if frozen and len(frozen) == len(names):
+        raise ConfigError(f"{key}={list(prefixes)!r}: that freezes every parameter, so nothing would train")
+    return frozen
+
+
+def freeze(model: nn.Module, prefixes: list[str], key: str = "specialists.freeze") -> None:
+    """Keep the parameters under `prefixes` at their values: no gradients, no optimiser state."""
+    frozen = set(frozen_parameters(model, prefixes, key))
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizers:
+    trained = [p for p in model.parameters() if p.requires_grad]  # not those `freeze` kept
     if cfg.optimizer == "sgd":  # SGD takes sparse gradients as they are
-        return _Optimizers(torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        return _Optimizers(torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum,
                                            weight_decay=cfg.weight_decay))
     # A sparse embedding (fastText's 200k hashed n-grams) only touches the rows a batch
     # uses; dense Adam would update all of them every step.
-    sparse = [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-    sparse_ids = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    optimizers = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    sparse_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    sparse = [p for p in trained if id(p) in sparse_ids]
+    dense = [p for p in trained if id(p) not in sparse_ids]
+    optimizers = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)] if dense else []
     if sparse:
         optimizers.append(RowSparseAdam(sparse, lr=cfg.lr))
     return _Optimizers(*optimizers)

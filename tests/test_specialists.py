@@ -264,6 +264,40 @@ def test_a_specialist_starts_from_the_generalist_or_from_its_own_seed(tiny_run, 
         assert not torch.allclose(value, (drawn if init == "generalist" else from_generalist)[name]), name
 
 
+def test_a_specialist_with_frozen_layers_keeps_its_generalists_weights_there(tiny_run, tmp_path):
+    run = RunDir(tiny_run)
+    _, dataset = dataset_for_run(run)
+    generalist = load_checkpoint(run.generalist)
+    cfg = tiny_config("specialists.init=generalist", "specialists.freeze=[body]", "specialists.epochs=2")
+    classes = [0, 3, 5, 8]
+    plan = plan_specialist(1, classes, dataset, cfg)
+    store = ShardStore(tmp_path)
+    val_top1 = cut_generalist_outputs(generalist, dataset, [plan], store, 256, "cpu")
+    trained = train_specialist(generalist, specialist_data(plan, dataset, store, val_top1), dataset.val,
+                               cfg).model.state_dict()
+    start = with_dustbin_head(generalist, classes).state_dict()
+    assert {name for name in trained if name.startswith("body.")}  # the test freezes something
+    for name, value in trained.items():
+        if name.startswith("body.") or name.startswith("input_"):
+            assert torch.equal(value, start[name]), name
+        else:
+            assert not torch.allclose(value, start[name]), name  # the head trained
+
+
+def test_freezing_what_the_model_lacks_is_refused_before_any_work(tiny_run, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"specialists.freeze=\['encoder'\]: 'encoder' names no parameter of the "
+                                          r"mlp model; its parameters are under \['body', 'head'\]"):
+        run_pipeline(tiny_config(ON, "specialists.freeze=[encoder]"), out, **QUIET)
+    assert not out.exists()  # refused before the generalist trained
+    run = _copy_run(tiny_run, tmp_path)  # a generalist you bring is checked at the specialists stage
+    shutil.rmtree(run.specialists)
+    _, dataset = dataset_for_run(run)
+    with pytest.raises(ConfigError, match="'encoder' names no parameter"):
+        train_specialists(tiny_config("specialists.freeze=[encoder]"), dataset, run, torch.device("cpu"), **QUIET)
+    assert not run.specialists.exists()
+
+
 def test_specialists_that_hash_character_grams_are_served_their_own_encoding(tmp_path):
     # Six intents of distinct words; two clusters of three; scratch specialists hashing 1..3-character grams.
     rng = np.random.default_rng(0)

@@ -1,13 +1,14 @@
-"""The training loop (max-norm constraint, the kept best epoch), the character-gram training path and RowSparseAdam."""
+"""The training loop (max-norm constraint, the kept best epoch, frozen parameters), the character-gram training path
+and RowSparseAdam."""
 
 import numpy as np
 import pytest
 import torch
 
-from specialists.config import TrainConfig
+from specialists.config import ConfigError, TrainConfig
 from specialists.models import _distinct_rows_torch, create_model, distinct_rows
 from specialists.sparse_adam import RowSparseAdam
-from specialists.train import accuracy, cross_entropy, train_model
+from specialists.train import accuracy, cross_entropy, freeze, frozen_parameters, train_model
 
 
 def row_norms(model) -> list[float]:
@@ -87,6 +88,41 @@ def test_the_last_epoch_when_best_is_returned_as_trained():
     assert result.best_epoch == 2 and result.history[1]["val_accuracy"] > result.history[0]["val_accuracy"]
     assert not all(torch.equal(model.state_dict()[k], after_first[k]) for k in after_first)  # not the first's
     assert result.best_val_accuracy == accuracy(model, model.encode(x[:120]), y[:120], 256, "cpu")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("prefixes, frozen", [
+    (["embedding"], {"embedding.weight"}),  # the sparse table: RowSparseAdam gets nothing to step
+    (["body"], {"body.0.weight", "body.0.bias"}),  # a module path freezes every parameter below it
+    (["head.bias", "embedding"], {"head.bias", "embedding.weight"}),
+    (["body", "head"], {"body.0.weight", "body.0.bias", "head.weight", "head.bias"}),  # only the table trains
+])
+def test_frozen_parameters_keep_their_values_and_the_rest_trains(prefixes, frozen, optimizer):
+    texts = [f"text {i} about {'cards' if i % 2 else 'loans'} and {i % 5}" for i in range(64)]
+    labels = np.arange(64) % 2
+    torch.manual_seed(0)
+    model = create_model("fasttext", n_classes=2, buckets=997, embed_dim=8, hidden=[16], dropout=0.0,
+                         char_ngrams=3)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    freeze(model, prefixes)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, patience=0, optimizer=optimizer)
+    result = train_model(model, model.encode(texts), labels, model.encode(texts[:16]), labels[:16], cfg, seed=0,
+                         progress=False)
+    assert result.examples_seen == 2 * 64  # frozen weights still see every example
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]) == (name in frozen), name
+
+
+def test_frozen_parameters_are_named_by_prefix_and_a_bad_one_is_refused():
+    model = create_model("fasttext", n_classes=2, buckets=97, embed_dim=4, hidden=[8])
+    assert frozen_parameters(model, ["body", "body.0.weight"]) == ["body.0.weight", "body.0.bias"]
+    assert frozen_parameters(model, []) == []
+    with pytest.raises(ConfigError, match=r"specialists.freeze=\['bod'\]: 'bod' names no parameter of the fasttext "
+                                          r"model; its parameters are under \['body', 'embedding', 'head'\]"):
+        frozen_parameters(model, ["bod"])  # a prefix of names, not of letters
+    with pytest.raises(ConfigError, match="freezes every parameter"):
+        frozen_parameters(model, ["embedding", "body", "head"])
+    assert all(p.requires_grad for p in model.parameters())  # refused: nothing was frozen
 
 
 @pytest.mark.parametrize("find", [distinct_rows, _distinct_rows_torch], ids=["cpu (numpy)", "device (torch)"])
