@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .choices import USER_MODELS
 from .config import ConfigError, TrainConfig
 from .sparse_adam import RowSparseAdam
 
@@ -143,17 +144,20 @@ def _kept(state: dict, kept: dict | None) -> dict:
 def frozen_parameters(model: nn.Module, prefixes: list[str], key: str = "specialists.freeze") -> list[str]:
     """The names of `model`'s parameters under any of `prefixes` (a name, or a module path above names).
 
-    Raises ConfigError naming `key` where a prefix matches no parameter, or every parameter would be frozen.
+    A network you bring is held as the adapter's `.net`, so its prefixes are read as its own module names
+    them (`body`, not `net.body`). Raises ConfigError naming `key` where a prefix matches no parameter, or
+    every parameter would be frozen.
     """
+    root = "net." if getattr(model, "spec", {}).get("name") in USER_MODELS else ""
     names = [name for name, _ in model.named_parameters()]
+    given = [name.removeprefix(root) for name in names]
     frozen = []
     for prefix in prefixes:
-        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        matched = [full for full, name in zip(names, given) if name == prefix or name.startswith(prefix + ".")]
         if not matched:
-            tops = sorted({name.split(".")[0] for name in names})
-            raise ConfigError(f"{key}={list(prefixes)!r}: {prefix!r} names no parameter of the "
-                              f"{getattr(model, 'spec', {}).get('name', 'model')} model; its parameters are under "
-                              f"{tops}")
+            kind = getattr(model, "spec", {}).get("name", "")
+            raise ConfigError(f"{key}={list(prefixes)!r}: {prefix!r} names no parameter of the {kind + ' ' if kind else ''}"
+                              f"model; its parameters are under {sorted({name.split('.')[0] for name in given})}")
         frozen += [name for name in matched if name not in frozen]
     if frozen and len(frozen) == len(names):
         raise ConfigError(f"{key}={list(prefixes)!r}: that freezes every parameter, so nothing would train")

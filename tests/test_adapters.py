@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 import user_models
-from specialists.config import ConfigError, load_config
+from specialists.config import ConfigError, TrainConfig, load_config
 from specialists.models import (CheckpointError, create_model, load_checkpoint, model_kwargs, save_checkpoint,
                                 trust_factory, with_dustbin_head)
 from specialists.stages import run_pipeline
+from specialists.train import freeze, frozen_parameters, train_model
 
 HERE = Path(__file__).resolve().parent
 QUIET = dict(log=lambda s: None, progress=False)
@@ -107,6 +108,24 @@ def test_a_specialist_starts_from_the_users_rows_plus_a_dustbin():
     assert torch.allclose(own[:, 3], full[:, others].mean(1) + np.log(9), atol=1e-5)
     with pytest.raises(ValueError, match="no hidden widths to widen"):
         with_dustbin_head(generalist, classes, widen=2)
+
+
+def test_a_specialist_of_your_network_freezes_its_layers_by_your_names():
+    x, _, _, _ = grouped_data(0)
+    torch.manual_seed(0)
+    generalist = create_model("torch", **kwargs_of(torch_config())).eval()
+    specialist = with_dustbin_head(generalist, [7, 2, 9])
+    assert frozen_parameters(specialist, ["body.0"]) == ["net.body.0.weight", "net.body.0.bias"]
+    with pytest.raises(ConfigError, match=r"'net.body' names no parameter of the torch model; its parameters are "
+                                          r"under \['body', 'classifier'\]"):
+        frozen_parameters(specialist, ["net.body"])  # the adapter's own name for your network is not yours
+    start = {name: value.clone() for name, value in specialist.state_dict().items()}
+    freeze(specialist, ["body"])
+    labels = np.arange(len(x)) % 4  # its three classes and the dustbin
+    train_model(specialist, specialist.encode(x), labels, specialist.encode(x[:40]), labels[:40],
+                TrainConfig(epochs=2, batch_size=64, lr=0.05, patience=0), seed=0, progress=False)
+    for name, value in specialist.state_dict().items():
+        assert torch.equal(value, start[name]) == name.startswith("net.body."), name
 
 
 # ---------------------------------------------------------------------------
