@@ -156,8 +156,9 @@ def frozen_parameters(model: nn.Module, prefixes: list[str], key: str = "special
         matched = [full for full, name in zip(names, given) if name == prefix or name.startswith(prefix + ".")]
         if not matched:
             kind = getattr(model, "spec", {}).get("name", "")
-            raise ConfigError(f"{key}={list(prefixes)!r}: {prefix!r} names no parameter of the {kind + ' ' if kind else ''}"
-                              f"model; its parameters are under {sorted({name.split('.')[0] for name in given})}")
+            tops = sorted({name.split(".")[0] for name in given})
+            raise ConfigError(f"{key}={list(prefixes)!r}: {prefix!r} names no parameter of the "
+                              f"{kind + ' ' if kind else ''}model; its parameters are under {tops}")
         frozen += [name for name in matched if name not in frozen]
     if frozen and len(frozen) == len(names):
         raise ConfigError(f"{key}={list(prefixes)!r}: that freezes every parameter, so nothing would train")
