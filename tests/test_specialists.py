@@ -241,18 +241,23 @@ def test_a_scratch_specialist_reads_only_its_generalists_spec_and_buffers(tiny_r
         model_from_arrays(spec, {})
 
 
-@pytest.mark.parametrize("init", ["generalist", "scratch"])
-def test_a_specialist_starts_from_the_generalist_or_from_its_own_seed(tiny_run, tmp_path, init):
+def _train_one(tiny_run, tmp_path, cfg, m: int, classes: list[int]):
+    """Specialist m of `classes`, trained here with `cfg` from the tiny run's generalist: (generalist, plan, weights)."""
     run = RunDir(tiny_run)
     _, dataset = dataset_for_run(run)
     generalist = load_checkpoint(run.generalist)
-    cfg = tiny_config(f"specialists.init={init}", "specialists.lr=1e-12", "specialists.epochs=1")  # barely moves
-    classes = [0, 3, 5, 8]
-    plan = plan_specialist(2, classes, dataset, cfg)
+    plan = plan_specialist(m, classes, dataset, cfg)
     store = ShardStore(tmp_path)
     val_top1 = cut_generalist_outputs(generalist, dataset, [plan], store, 256, "cpu")
-    trained = train_specialist(generalist, specialist_data(plan, dataset, store, val_top1), dataset.val,
-                               cfg).model.state_dict()
+    trained = train_specialist(generalist, specialist_data(plan, dataset, store, val_top1), dataset.val, cfg)
+    return generalist, plan, trained.model.state_dict()
+
+
+@pytest.mark.parametrize("init", ["generalist", "scratch"])
+def test_a_specialist_starts_from_the_generalist_or_from_its_own_seed(tiny_run, tmp_path, init):
+    cfg = tiny_config(f"specialists.init={init}", "specialists.lr=1e-12", "specialists.epochs=1")  # barely moves
+    classes = [0, 3, 5, 8]
+    generalist, plan, trained = _train_one(tiny_run, tmp_path, cfg, 2, classes)
     from_generalist = with_dustbin_head(generalist, classes).state_dict()
     torch.manual_seed(plan.seed)  # what the network's own initialisation draws from the specialist's seed
     drawn = create_model(generalist.spec["name"], **{**generalist.spec["kwargs"], "n_classes": 5}).state_dict()
@@ -265,16 +270,9 @@ def test_a_specialist_starts_from_the_generalist_or_from_its_own_seed(tiny_run, 
 
 
 def test_a_specialist_with_frozen_layers_keeps_its_generalists_weights_there(tiny_run, tmp_path):
-    run = RunDir(tiny_run)
-    _, dataset = dataset_for_run(run)
-    generalist = load_checkpoint(run.generalist)
     cfg = tiny_config("specialists.init=generalist", "specialists.freeze=[body]", "specialists.epochs=2")
     classes = [0, 3, 5, 8]
-    plan = plan_specialist(1, classes, dataset, cfg)
-    store = ShardStore(tmp_path)
-    val_top1 = cut_generalist_outputs(generalist, dataset, [plan], store, 256, "cpu")
-    trained = train_specialist(generalist, specialist_data(plan, dataset, store, val_top1), dataset.val,
-                               cfg).model.state_dict()
+    generalist, _, trained = _train_one(tiny_run, tmp_path, cfg, 1, classes)
     start = with_dustbin_head(generalist, classes).state_dict()
     assert {name for name in trained if name.startswith("body.")}  # the test freezes something
     for name, value in trained.items():
