@@ -245,6 +245,8 @@ class TorchModel(nn.Module):
     tensors (N, *input_shape), not normalised.
     """
 
+    parameter_root = "net."  # your network is `self.net`: specialists.freeze reads its names below this
+
     def __init__(self, n_classes: int, factory: str, input_shape: list[int], head: str,
                  factory_args: dict | None = None):
         super().__init__()
@@ -337,6 +339,8 @@ class HFModel(nn.Module):
     tokenizer: the tokenizers-library JSON (a save_pretrained folder's
     tokenizer.json) that turns texts into ids, truncated at `max_length`.
     """
+
+    parameter_root = "net."  # your network is `self.net`: specialists.freeze reads its names below this
 
     input_kind = "text"
 
@@ -448,6 +452,8 @@ class TimmModel(nn.Module):
     input_shape: (H, W) images (one channel) or (C, H, W); inputs reach the
     network as float32, not normalised.
     """
+
+    parameter_root = "net."  # your network is `self.net`: specialists.freeze reads its names below this
 
     def __init__(self, n_classes: int, arch: str, input_shape: list[int], head: str = ""):
         super().__init__()

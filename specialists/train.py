@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .choices import USER_MODELS
 from .config import ConfigError, TrainConfig
 from .sparse_adam import RowSparseAdam
 
@@ -144,11 +143,11 @@ def _kept(state: dict, kept: dict | None) -> dict:
 def frozen_parameters(model: nn.Module, prefixes: list[str], key: str = "specialists.freeze") -> list[str]:
     """The names of `model`'s parameters under any of `prefixes` (a name, or a module path above names).
 
-    A network you bring is held as the adapter's `.net`, so its prefixes are read as its own module names
-    them (`body`, not `net.body`). Raises ConfigError naming `key` where a prefix matches no parameter, or
-    every parameter would be frozen.
+    A network you bring sits below its adapter's `parameter_root`, so its prefixes are read as its own module
+    names them (`body`, not `net.body`). Raises ConfigError naming `key` where a prefix matches no parameter,
+    or every parameter would be frozen.
     """
-    root = "net." if getattr(model, "spec", {}).get("name") in USER_MODELS else ""
+    root = getattr(model, "parameter_root", "")
     names = [name for name, _ in model.named_parameters()]
     given = [name.removeprefix(root) for name in names]
     frozen = []
