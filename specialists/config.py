@@ -558,7 +558,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list, e.g. [256, 256]")
+            example = f"[{value}]" if isinstance(value, str) and item_type is str else "[256, 256]"
+            raise ConfigError(f"{key}={value!r}: expected a list, e.g. {example}")
         return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):

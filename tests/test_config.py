@@ -75,6 +75,9 @@ def test_dumped_config_round_trips(tmp_path):
     ("specialists.buckets=many", "specialists.buckets"),
     ("combine.significance=0", "combine.significance=0"),
     ("combine.significance=1.5", "combine.significance=1.5"),
+    ("specialists.freeze=embedding", "specialists.freeze='embedding': expected a list, e.g. [embedding]"),
+    ("specialists.freeze=[1]", "specialists.freeze[0]=1: expected a string"),
+    ('specialists.freeze=[""]', "specialists.freeze=['']: names must not be empty"),
 ])
 def test_bad_values_name_key_and_value(override, fragment):
     with pytest.raises(ConfigError) as err:
